@@ -1,0 +1,29 @@
+// Tile kernels behind the CPU shared-basis LoRA op. Each ISA provides the same two entry points
+// on raw pointers; the planner in shared_basis_lora.cpp picks the table at run time, so the
+// AVX-512 translation unit is the only code compiled with AVX-512 enabled.
+#pragma once
+#include <cstdint>
+
+namespace lola::cpu {
+
+// Largest tiles any ISA asks for; the planner cuts work into tiles of at most this size.
+constexpr int kShrinkTokens = 4;   // tokens per shrink tile
+constexpr int kShrinkRanks = 6;    // ranks per shrink tile
+constexpr int kExpandTokens = 6;   // tokens per expand tile
+constexpr int kExpandCols = 32;    // output columns per expand tile (packed panel width)
+
+struct MicroKernels {
+  // h[i * h_stride + k] = Σ_d x_rows[i][d] · a_rows[k * d_in + d]
+  // for i < num_tokens (≤ kShrinkTokens), k < num_ranks (≤ kShrinkRanks).
+  void (*shrink)(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+                 int num_ranks, float* h, int64_t h_stride);
+  // out_rows[i][j] += Σ_k g[i * g_stride + k] · panel[k * kExpandCols + j], one rounding,
+  // for i < num_tokens (≤ kExpandTokens), j < num_cols (≤ kExpandCols); panel is fp32.
+  void (*expand)(const float* g, int64_t g_stride, const float* panel, int64_t rank,
+                 void* const* out_rows, int num_tokens, int num_cols);
+};
+
+MicroKernels scalar_kernels(bool bf16);
+MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot);
+
+}  // namespace lola::cpu

@@ -1,0 +1,181 @@
+// AVX-512 tile kernels. This translation unit alone is compiled with AVX-512 enabled and uses no
+// STL, so no AVX-512 instantiation of a shared inline function can leak into the portable code.
+//
+// shrink: a register block of up to 4 tokens × 6 ranks of dot products over d_in (24 zmm
+//         accumulators), so every loaded vector of x or lora_a feeds 4-6 FMAs.
+// expand: a packed fp32 panel of lora_b (R × 32 columns) times up to 6 tokens' g rows, i.e. an
+//         outer-product update of 6 × 32 accumulators per rank step.
+// bf16 inputs use VDPBF16PS (pairs of bf16 products summed into fp32) where the CPU has it, else
+// they are widened to fp32; accumulation is fp32 either way.
+#include <immintrin.h>
+
+#include "microkernels.h"
+
+namespace lola::cpu {
+namespace {
+
+inline __mmask16 low_mask16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+inline __mmask32 low_mask32(int64_t count) {
+  return count >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << count) - 1u);
+}
+
+inline __m512 widen_bf16(__m256i packed) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
+// fp32 -> bf16 with round-to-nearest-even and quiet NaNs, without AVX512-BF16.
+inline __m256i narrow_to_bf16(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+  const __m512i quiet_nan = _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000));
+  const __m512i chosen = _mm512_mask_blend_epi32(is_nan, rounded, quiet_nan);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(chosen, 16));
+}
+
+template <int Tokens, int Ranks>
+void shrink_f32(const void* const* x_rows, const void* a_rows, int64_t d_in, float* h, int64_t h_stride) {
+  const float* x[Tokens];
+  for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const float*>(x_rows[i]);
+  const float* a = static_cast<const float*>(a_rows);
+  __m512 acc[Tokens][Ranks];
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) acc[i][k] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < d_in; d += 16) {
+    const __mmask16 mask = low_mask16(d_in - d);
+    __m512 xv[Tokens];
+    for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, x[i] + d);
+    for (int k = 0; k < Ranks; ++k) {
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + k * d_in + d);
+      for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
+    }
+  }
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+}
+
+template <int Tokens, int Ranks>
+void shrink_bf16_widen(const void* const* x_rows, const void* a_rows, int64_t d_in, float* h,
+                       int64_t h_stride) {
+  const uint16_t* x[Tokens];
+  for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const uint16_t*>(x_rows[i]);
+  const uint16_t* a = static_cast<const uint16_t*>(a_rows);
+  __m512 acc[Tokens][Ranks];
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) acc[i][k] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < d_in; d += 16) {
+    const __mmask16 mask = low_mask16(d_in - d);
+    __m512 xv[Tokens];
+    for (int i = 0; i < Tokens; ++i) xv[i] = widen_bf16(_mm256_maskz_loadu_epi16(mask, x[i] + d));
+    for (int k = 0; k < Ranks; ++k) {
+      const __m512 av = widen_bf16(_mm256_maskz_loadu_epi16(mask, a + k * d_in + d));
+      for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
+    }
+  }
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+}
+
+template <int Tokens, int Ranks>
+__attribute__((target("avx512bf16"))) void shrink_bf16_dot(const void* const* x_rows, const void* a_rows,
+                                                         int64_t d_in, float* h, int64_t h_stride) {
+  const uint16_t* x[Tokens];
+  for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const uint16_t*>(x_rows[i]);
+  const uint16_t* a = static_cast<const uint16_t*>(a_rows);
+  __m512 acc[Tokens][Ranks];
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) acc[i][k] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < d_in; d += 32) {
+    const __mmask32 mask = low_mask32(d_in - d);
+    __m512i xv[Tokens];
+    for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_epi16(mask, x[i] + d);
+    for (int k = 0; k < Ranks; ++k) {
+      const __m512i av = _mm512_maskz_loadu_epi16(mask, a + k * d_in + d);
+      for (int i = 0; i < Tokens; ++i)
+        acc[i][k] = _mm512_dpbf16_ps(acc[i][k], (__m512bh)xv[i], (__m512bh)av);
+    }
+  }
+  for (int i = 0; i < Tokens; ++i)
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+}
+
+using ShrinkTile = void (*)(const void* const*, const void*, int64_t, float*, int64_t);
+
+// Tables of all (tokens, ranks) tile shapes of one kernel template, indexed [tokens-1][ranks-1].
+#define LOLA_SHRINK_ROW(kernel, tokens) \
+  {&kernel<tokens, 1>, &kernel<tokens, 2>, &kernel<tokens, 3>, &kernel<tokens, 4>, &kernel<tokens, 5>, &kernel<tokens, 6>}
+#define LOLA_SHRINK_TABLE(name, kernel)                                                     \
+  const ShrinkTile name[kShrinkTokens][kShrinkRanks] = {                                    \
+      LOLA_SHRINK_ROW(kernel, 1), LOLA_SHRINK_ROW(kernel, 2), LOLA_SHRINK_ROW(kernel, 3), \
+      LOLA_SHRINK_ROW(kernel, 4)};
+
+LOLA_SHRINK_TABLE(kShrinkF32, shrink_f32)
+LOLA_SHRINK_TABLE(kShrinkBf16Widen, shrink_bf16_widen)
+LOLA_SHRINK_TABLE(kShrinkBf16Dot, shrink_bf16_dot)
+
+void shrink_f32_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+                    int num_ranks, float* h, int64_t h_stride) {
+  kShrinkF32[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+}
+void shrink_bf16_widen_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+                           int num_ranks, float* h, int64_t h_stride) {
+  kShrinkBf16Widen[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+}
+void shrink_bf16_dot_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+                         int num_ranks, float* h, int64_t h_stride) {
+  kShrinkBf16Dot[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+}
+
+template <int Tokens, bool Bf16>
+void expand_tile(const float* g, int64_t g_stride, const float* panel, int64_t rank, void* const* out_rows,
+                 int num_cols) {
+  __m512 acc[Tokens][2];
+  for (int i = 0; i < Tokens; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < rank; ++k) {
+    const __m512 low = _mm512_loadu_ps(panel + k * kExpandCols);
+    const __m512 high = _mm512_loadu_ps(panel + k * kExpandCols + 16);
+    for (int i = 0; i < Tokens; ++i) {
+      const __m512 coefficient = _mm512_set1_ps(g[i * g_stride + k]);
+      acc[i][0] = _mm512_fmadd_ps(coefficient, low, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(coefficient, high, acc[i][1]);
+    }
+  }
+  const __mmask16 masks[2] = {low_mask16(num_cols), low_mask16(num_cols > 16 ? num_cols - 16 : 0)};
+  for (int i = 0; i < Tokens; ++i) {
+    for (int half = 0; half < 2; ++half) {
+      if (!masks[half]) continue;
+      if constexpr (Bf16) {
+        uint16_t* out = static_cast<uint16_t*>(out_rows[i]) + 16 * half;
+        const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(masks[half], out)), acc[i][half]);
+        _mm256_mask_storeu_epi16(out, masks[half], narrow_to_bf16(sum));
+      } else {
+        float* out = static_cast<float*>(out_rows[i]) + 16 * half;
+        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[half], out), acc[i][half]);
+        _mm512_mask_storeu_ps(out, masks[half], sum);
+      }
+    }
+  }
+}
+
+using ExpandTile = void (*)(const float*, int64_t, const float*, int64_t, void* const*, int);
+
+template <bool Bf16>
+void expand_any(const float* g, int64_t g_stride, const float* panel, int64_t rank, void* const* out_rows,
+                int num_tokens, int num_cols) {
+  static const ExpandTile kTiles[kExpandTokens] = {
+      &expand_tile<1, Bf16>, &expand_tile<2, Bf16>, &expand_tile<3, Bf16>,
+      &expand_tile<4, Bf16>, &expand_tile<5, Bf16>, &expand_tile<6, Bf16>};
+  kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
+}
+
+}  // namespace
+
+MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
+  if (!bf16) return {&shrink_f32_any, &expand_any<false>};
+  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>};
+}
+
+}  // namespace lola::cpu

@@ -1,0 +1,52 @@
+// Portable tile kernels: the fallback on CPUs without AVX-512 and the cross-check for the fast ones.
+#include "../common/bf16.h"
+#include "microkernels.h"
+
+namespace lola::cpu {
+namespace {
+
+template <typename Element>
+float load_as_float(const Element* data, int64_t index);
+template <>
+float load_as_float<float>(const float* data, int64_t index) { return data[index]; }
+template <>
+float load_as_float<uint16_t>(const uint16_t* data, int64_t index) { return bf16_to_float(data[index]); }
+
+inline void store_from_float(float* data, int64_t index, float value) { data[index] = value; }
+inline void store_from_float(uint16_t* data, int64_t index, float value) { data[index] = float_to_bf16(value); }
+
+template <typename Element>
+void shrink(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+            int num_ranks, float* h, int64_t h_stride) {
+  const auto* a = static_cast<const Element*>(a_rows);
+  for (int i = 0; i < num_tokens; ++i) {
+    const auto* x = static_cast<const Element*>(x_rows[i]);
+    for (int k = 0; k < num_ranks; ++k) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < d_in; ++d) sum += load_as_float(x, d) * load_as_float(a, k * d_in + d);
+      h[i * h_stride + k] = sum;
+    }
+  }
+}
+
+template <typename Element>
+void expand(const float* g, int64_t g_stride, const float* panel, int64_t rank,
+            void* const* out_rows, int num_tokens, int num_cols) {
+  for (int i = 0; i < num_tokens; ++i) {
+    auto* out = static_cast<Element*>(out_rows[i]);
+    for (int j = 0; j < num_cols; ++j) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < rank; ++k) sum += g[i * g_stride + k] * panel[k * kExpandCols + j];
+      store_from_float(out, j, load_as_float(out, j) + sum);
+    }
+  }
+}
+
+}  // namespace
+
+MicroKernels scalar_kernels(bool bf16) {
+  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>};
+  return {&shrink<float>, &expand<float>};
+}
+
+}  // namespace lola::cpu

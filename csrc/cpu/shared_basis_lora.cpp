@@ -1,0 +1,203 @@
+// Planner for the CPU shared-basis LoRA op: validation, bucketing tokens by cluster, and the three
+// parallel phases (shrink tiles, per-token Σ, expand panels). See shared_basis_lora.h.
+#include "shared_basis_lora.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/bf16.h"
+#include "microkernels.h"
+
+namespace lola::cpu {
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
+  }
+  return Isa::Scalar;
+}
+
+bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(best_isa()); }
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Bf16: return "avx512_bf16";
+    case Isa::Avx512: return "avx512";
+    default: return "scalar";
+  }
+}
+
+namespace {
+
+// A run of tokens, sorted by cluster, that all use lora_a[cluster] and lora_b[cluster].
+struct Group {
+  int64_t cluster;
+  int64_t begin;  // into the sorted token order
+  int64_t end;
+};
+
+struct ShrinkItem {
+  int32_t group;
+  int32_t rank_begin;
+  int64_t token_begin;
+};
+
+struct ExpandItem {
+  int32_t group;
+  int64_t col_begin;
+};
+
+float element(const void* data, DType dtype, int64_t index) {
+  return dtype == DType::Float32 ? static_cast<const float*>(data)[index]
+                                 : bf16_to_float(static_cast<const uint16_t*>(data)[index]);
+}
+
+std::string out_of_range(const char* what, int64_t index, int64_t value, const char* range) {
+  return std::string(what) + "[" + std::to_string(index) + "] = " + std::to_string(value) +
+         " is outside " + range;
+}
+
+// Checks ids / basis_of / ranks for the adapters actually used and buckets tokens by cluster.
+std::string plan_groups(const LoraProblem& p, std::vector<int64_t>& order, std::vector<Group>& groups) {
+  std::vector<int64_t> count(p.num_clusters + 1, 0);
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    const int64_t adapter = p.ids[t];
+    if (adapter == -1) continue;
+    if (adapter < -1 || adapter >= p.num_adapters)
+      return out_of_range("ids", t, adapter, ("[-1, " + std::to_string(p.num_adapters) + ")").c_str());
+    const int64_t cluster = p.basis_of[adapter];
+    if (cluster < 0 || cluster >= p.num_clusters)
+      return out_of_range("basis_of", adapter, cluster, ("[0, " + std::to_string(p.num_clusters) + ")").c_str());
+    if (p.ranks && (p.ranks[adapter] < 0 || p.ranks[adapter] > p.rank))
+      return out_of_range("ranks", adapter, p.ranks[adapter], ("[0, " + std::to_string(p.rank) + "]").c_str());
+    ++count[cluster + 1];
+  }
+  for (int64_t c = 0; c < p.num_clusters; ++c) count[c + 1] += count[c];
+  order.resize(count[p.num_clusters]);
+  std::vector<int64_t> cursor(count.begin(), count.end() - 1);
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    if (p.ids[t] >= 0) order[cursor[p.basis_of[p.ids[t]]]++] = t;
+  }
+  for (int64_t c = 0; c < p.num_clusters; ++c) {
+    if (count[c + 1] > count[c]) groups.push_back({c, count[c], count[c + 1]});
+  }
+  return "";
+}
+
+// g = s · Σ_a(h), with h and g zeroed past the adapter's true rank.
+void apply_sigma(const LoraProblem& p, int64_t adapter, float* h, float* g) {
+  const int64_t rank = p.rank;
+  const int64_t true_rank = p.ranks ? p.ranks[adapter] : rank;
+  const float s = p.scale * (p.adapter_scale ? p.adapter_scale[adapter] : 1.0f);
+  std::fill(h + true_rank, h + rank, 0.0f);
+  switch (p.sigma_kind) {
+    case SigmaKind::None:
+      for (int64_t k = 0; k < rank; ++k) g[k] = s * h[k];
+      break;
+    case SigmaKind::Diagonal:
+      for (int64_t k = 0; k < rank; ++k) g[k] = s * element(p.sigma, p.dtype, adapter * rank + k) * h[k];
+      break;
+    case SigmaKind::Full:
+      for (int64_t j = 0; j < rank; ++j) {
+        float sum = 0.0f;
+        const int64_t row = (adapter * rank + j) * rank;
+        for (int64_t k = 0; k < true_rank; ++k) sum += element(p.sigma, p.dtype, row + k) * h[k];
+        g[j] = s * sum;
+      }
+      break;
+  }
+  std::fill(g + true_rank, g + rank, 0.0f);
+}
+
+// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out.
+void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float* panel) {
+  const int64_t cols = std::min<int64_t>(kExpandCols, p.d_out - col_begin);
+  for (int64_t j = 0; j < kExpandCols; ++j) {
+    if (j >= cols) {
+      for (int64_t k = 0; k < p.rank; ++k) panel[k * kExpandCols + j] = 0.0f;
+      continue;
+    }
+    const int64_t row = (cluster * p.d_out + col_begin + j) * p.rank;
+    for (int64_t k = 0; k < p.rank; ++k) panel[k * kExpandCols + j] = element(p.lora_b, p.dtype, row + k);
+  }
+}
+
+}  // namespace
+
+std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
+  if (p.num_tokens == 0 || p.d_out == 0) return "";
+  std::vector<int64_t> order;
+  std::vector<Group> groups;
+  const std::string error = plan_groups(p, order, groups);
+  if (!error.empty()) return error;
+  const int64_t active = static_cast<int64_t>(order.size());
+  if (active == 0) return "";
+
+  const bool bf16 = p.dtype == DType::BFloat16;
+  const MicroKernels kernels =
+      isa == Isa::Scalar ? scalar_kernels(bf16) : avx512_kernels(bf16, isa == Isa::Avx512Bf16);
+  const int64_t element_size = bf16 ? 2 : 4;
+  const auto* x_bytes = static_cast<const char*>(p.x);
+  const auto* a_bytes = static_cast<const char*>(p.lora_a);
+  auto* out_bytes = static_cast<char*>(p.out);
+  const int64_t rank = p.rank;
+  num_threads = std::max(1, num_threads);
+
+  std::vector<float> h(active * rank, 0.0f), g(active * rank, 0.0f);
+
+  // Shrink: rank tile outermost within a group so its rows of lora_a stay in cache while the
+  // token tiles stream past.
+  std::vector<ShrinkItem> shrink_items;
+  if (rank > 0 && p.d_in > 0) {
+    for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
+      for (int32_t k = 0; k < rank; k += kShrinkRanks)
+        for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
+          shrink_items.push_back({gi, k, i});
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  for (int64_t w = 0; w < static_cast<int64_t>(shrink_items.size()); ++w) {
+    const ShrinkItem item = shrink_items[w];
+    const Group& group = groups[item.group];
+    const int tokens = static_cast<int>(std::min<int64_t>(kShrinkTokens, group.end - item.token_begin));
+    const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, rank - item.rank_begin));
+    const void* x_rows[kShrinkTokens];
+    for (int i = 0; i < tokens; ++i)
+      x_rows[i] = x_bytes + order[item.token_begin + i] * p.x_row_stride * element_size;
+    const void* a_rows = a_bytes + (group.cluster * rank + item.rank_begin) * p.d_in * element_size;
+    kernels.shrink(x_rows, a_rows, p.d_in, tokens, ranks, h.data() + item.token_begin * rank + item.rank_begin,
+                   rank);
+  }
+
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (active * rank * rank > 32768)
+  for (int64_t i = 0; i < active; ++i) apply_sigma(p, p.ids[order[i]], h.data() + i * rank, g.data() + i * rank);
+
+  // Expand: each item packs one panel of lora_b once and reuses it for every token of its group.
+  std::vector<ExpandItem> expand_items;
+  for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
+    for (int64_t col = 0; col < p.d_out; col += kExpandCols) expand_items.push_back({gi, col});
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> panel(std::max<int64_t>(rank, 1) * kExpandCols);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t w = 0; w < static_cast<int64_t>(expand_items.size()); ++w) {
+      const ExpandItem item = expand_items[w];
+      const Group& group = groups[item.group];
+      pack_panel(p, group.cluster, item.col_begin, panel.data());
+      const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
+      for (int64_t i = group.begin; i < group.end; i += kExpandTokens) {
+        const int tokens = static_cast<int>(std::min<int64_t>(kExpandTokens, group.end - i));
+        void* out_rows[kExpandTokens];
+        for (int t = 0; t < tokens; ++t)
+          out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
+        kernels.expand(g.data() + i * rank, rank, panel.data(), rank, out_rows, tokens, cols);
+      }
+    }
+  }
+  return "";
+}
+
+}  // namespace lola::cpu

@@ -1,0 +1,64 @@
+"""Argument checks shared by every op: wrong input raises ValueError/TypeError naming the argument,
+before any kernel runs."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+INDEX_DTYPES = (torch.int32,)
+
+
+def _shape(tensor: Tensor) -> str:
+    return "[" + ", ".join(str(size) for size in tensor.shape) + "]"
+
+
+def require_dims(name: str, tensor: Tensor, dims: int, layout: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}")
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {_shape(tensor)}")
+
+
+def require_size(name: str, tensor: Tensor, dim: int, expected: int, meaning: str) -> None:
+    if tensor.shape[dim] != expected:
+        raise ValueError(
+            f"{name}.shape[{dim}] = {tensor.shape[dim]} but {meaning} is {expected} (shape {_shape(tensor)})"
+        )
+
+
+def require_dtype(name: str, tensor: Tensor, allowed: Sequence[torch.dtype], why: str = "") -> None:
+    if tensor.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; expected {names}{why}")
+
+
+def require_same_device(named: dict[str, Optional[Tensor]]) -> torch.device:
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all tensors must share a device")
+    return first
+
+
+def require_contiguous(name: str, tensor: Optional[Tensor]) -> None:
+    if tensor is not None and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {tuple(tensor.stride())}); call .contiguous() once and keep it")
+
+
+def require_unit_inner_stride(name: str, tensor: Tensor) -> None:
+    if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension (got strides {tuple(tensor.stride())})")
+
+
+def require_in_range(name: str, tensor: Tensor, low: int, high: int, range_text: str) -> None:
+    """Checks low <= tensor <= high elementwise; reads the data (a device sync on GPU)."""
+    if tensor.numel() == 0:
+        return
+    smallest, largest = (int(v) for v in torch.aminmax(tensor))
+    if smallest < low or largest > high:
+        bad = smallest if smallest < low else largest
+        position = int(((tensor < low) | (tensor > high)).nonzero()[0, 0])
+        raise ValueError(f"{name}[{position}] = {bad} is outside {range_text}")

@@ -1,0 +1,156 @@
+"""Batched shared-basis LoRA and plain multi-LoRA: one launch serves a batch that mixes adapters.
+
+For token t with adapter a = ids[t] (``-1`` = base model only) and cluster c = basis_of[a]:
+
+    y[t] += scale · B_c · Σ_a · A_c · x[t]
+
+Shapes: x [T, d_in]; lora_a [C, R, d_in] (PEFT's lora_A layout, shared down-projection);
+lora_b [C, d_out, R] (shared up-projection); sigma [N, R] (diagonal, JD-Diag) or [N, R, R]
+(full, JD-Full); basis_of [N] int; ids [T] int32. Plain multi-LoRA is the case C = N,
+basis_of = arange(N), Σ_a = scale_a · I.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import _ops  # noqa: F401  (registers torch.ops.lolakernels.*)
+
+OutSlice = Optional[Sequence[int]]
+
+
+def _index_tensor(name: str, values, device: torch.device) -> Tensor:
+    """int32 index tensor; int64 tensors (torch's default) are converted, other dtypes refused."""
+    if not isinstance(values, Tensor):
+        return torch.as_tensor(values, dtype=torch.int32, device=device)
+    if values.dtype == torch.int64:
+        return values.to(torch.int32)
+    return values
+
+
+def _out_offset(out: Optional[Tensor], out_slice: OutSlice, d_out: int) -> int:
+    if out_slice is None:
+        if out is not None and out.dim() == 2 and out.shape[1] != d_out:
+            raise ValueError(
+                f"out has {out.shape[1]} columns but the LoRA term has d_out = {d_out}: "
+                "pass out_slice=(offset, size) to write a column slice"
+            )
+        return 0
+    if out is None:
+        raise ValueError("out_slice needs out: it selects the columns of out that receive the term")
+    if len(out_slice) != 2:
+        raise ValueError(f"out_slice must be (offset, size), got {tuple(out_slice)!r}")
+    offset, size = (int(v) for v in out_slice)
+    if size != d_out:
+        raise ValueError(f"out_slice size {size} != d_out {d_out} (lora_b.shape[1])")
+    return offset
+
+
+def _apply(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_slice, validate):
+    d_out = lora_b.shape[1] if isinstance(lora_b, Tensor) and lora_b.dim() == 3 else 0
+    offset = _out_offset(out, out_slice, d_out)
+    if out is None:
+        return torch.ops.lolakernels.shared_basis_lora(
+            x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate
+        )
+    differentiable = (x, lora_a, lora_b, sigma)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        # Autograd needs the functional op; the in-place kernel is the inference fast path.
+        term = torch.ops.lolakernels.shared_basis_lora(
+            x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate
+        )
+        out.narrow(1, offset, d_out).add_(term)
+        return out
+    torch.ops.lolakernels.shared_basis_lora_(
+        out, offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate
+    )
+    return out
+
+
+def shared_basis_lora(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    sigma: Optional[Tensor],
+    ids: Tensor,
+    *,
+    basis_of: Optional[Tensor] = None,
+    scale: float = 1.0,
+    out: Optional[Tensor] = None,
+    out_slice: OutSlice = None,
+    validate: bool = True,
+) -> Tensor:
+    """Shared-basis LoRA for a mixed batch: ``out[t] += scale · lora_b[c] · Σ_a · lora_a[c] · x[t]``.
+
+    Args:
+        x: ``[T, d_in]`` activations (unit stride in the last dim; row stride free).
+        lora_a: ``[C, R, d_in]`` shared down-projection bases.
+        lora_b: ``[C, d_out, R]`` shared up-projection bases.
+        sigma: ``[N, R]`` (diagonal) or ``[N, R, R]`` (full) per-adapter cores, or ``None`` for
+            identity (then N = len(basis_of), or C when basis_of is omitted).
+        ids: ``[T]`` adapter of each token, ``-1`` = no adapter (row left untouched).
+        basis_of: ``[N]`` basis (cluster) of each adapter; may be omitted only when C = 1.
+        scale: multiplier applied to every adapter's term.
+        out: if given, ``[T, d_total]``; the term is added in place (one rounding) and ``out`` is
+            returned. Otherwise a new ``[T, d_out]`` tensor holding only the term is returned.
+        out_slice: ``(offset, size)``: add into ``out[:, offset:offset+size]`` (fused qkv/gate_up).
+        validate: check ids/basis_of ranges (a device sync on GPU). Serving engines that checked
+            them once per step pass ``False``; shapes, dtypes and devices are always checked.
+
+    All float tensors share one dtype (float32, float16, bfloat16; the CPU kernel takes float32
+    and bfloat16, other cases run on the reference); accumulation is fp32.
+    """
+    device = x.device
+    ids = _index_tensor("ids", ids, device)
+    num_clusters = lora_a.shape[0] if lora_a.dim() == 3 else 1
+    if basis_of is None:
+        if num_clusters != 1:
+            raise ValueError(
+                f"basis_of is required: lora_a holds C = {num_clusters} bases, so each adapter's basis must be given"
+            )
+        num_adapters = sigma.shape[0] if sigma is not None else 1
+        basis_of = torch.zeros(num_adapters, dtype=torch.int32, device=device)
+    else:
+        basis_of = _index_tensor("basis_of", basis_of, device)
+    return _apply(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), None, None, out, out_slice, validate)
+
+
+def multi_lora(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    ids: Tensor,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    ranks: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
+    out_slice: OutSlice = None,
+    validate: bool = True,
+) -> Tensor:
+    """Plain multi-LoRA (uncompressed adapters) for a mixed batch:
+    ``out[t] += scale[a] · lora_b[a] · lora_a[a] · x[t]`` with ``a = ids[t]``.
+
+    Args:
+        x: ``[T, d_in]``.
+        lora_a: ``[N, r, d_in]`` stacked PEFT ``lora_A`` weights (padded to a common r).
+        lora_b: ``[N, d_out, r]`` stacked PEFT ``lora_B`` weights.
+        ids: ``[T]`` adapter of each token, ``-1`` = no adapter.
+        scale: PEFT's ``scaling`` per adapter ``[N]`` (float32), or one float for all (default 1).
+        ranks: ``[N]`` true rank of each adapter when padded to r; the padding is ignored.
+        out, out_slice, validate: as in :func:`shared_basis_lora`.
+    """
+    device = x.device
+    ids = _index_tensor("ids", ids, device)
+    num_adapters = lora_a.shape[0] if lora_a.dim() == 3 else 0
+    basis_of = torch.arange(num_adapters, dtype=torch.int32, device=device)
+    adapter_scale = None
+    scalar_scale = 1.0
+    if isinstance(scale, Tensor):
+        adapter_scale = scale
+    elif scale is not None:
+        scalar_scale = float(scale)
+    if ranks is not None:
+        ranks = _index_tensor("ranks", ranks, device)
+    return _apply(x, lora_a, lora_b, None, ids, basis_of, scalar_scale, adapter_scale, ranks, out, out_slice, validate)
