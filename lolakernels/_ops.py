@@ -5,6 +5,7 @@ Ops:
   lolakernels::shared_basis_lora(x, lora_a, lora_b, sigma?, ids, basis_of, scale, adapter_scale?,
                                  ranks?, validate) -> Tensor        the LoRA term [T, d_out]
   lolakernels::shared_basis_lora_(out!, out_offset, x, ...) -> ()   adds the term into out in place
+  lolakernels::shared_basis_lora_backward(grad, x, ...) -> (dx, d_lora_a, d_lora_b, d_sigma)
 """
 from __future__ import annotations
 
@@ -166,6 +167,32 @@ def _(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, vali
     return x.new_empty(x.shape[0], lora_b.shape[1])
 
 
+@torch.library.custom_op("lolakernels::shared_basis_lora_backward", mutates_args=())
+def shared_basis_lora_backward_op(
+    grad_term: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    sigma: Optional[Tensor],
+    ids: Tensor,
+    basis_of: Tensor,
+    scale: float,
+    adapter_scale: Optional[Tensor],
+    ranks: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_lora_a, grad_lora_b, grad_sigma); grad_sigma is empty when sigma is None.
+    Opaque to tracing because the token -> cluster gather has data-dependent shapes."""
+    grads = shared_basis_lora_backward(grad_term, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
+    grad_sigma = grads[3] if grads[3] is not None else x.new_empty(0)
+    return grads[0], grads[1], grads[2], grad_sigma
+
+
+@shared_basis_lora_backward_op.register_fake
+def _(grad_term, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks):
+    grad_sigma = torch.empty_like(sigma) if sigma is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b), grad_sigma
+
+
 def _setup_context(ctx, inputs, output):
     x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, _validate = inputs
     ctx.save_for_backward(x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks)
@@ -174,7 +201,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_term):
     x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks = ctx.saved_tensors
-    grad_x, grad_a, grad_b, grad_sigma = shared_basis_lora_backward(
+    grad_x, grad_a, grad_b, grad_sigma = torch.ops.lolakernels.shared_basis_lora_backward(
         grad_term, x, lora_a, lora_b, sigma, ids, basis_of, ctx.scale, adapter_scale, ranks
     )
     needs = ctx.needs_input_grad

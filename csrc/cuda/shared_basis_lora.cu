@@ -368,8 +368,10 @@ __global__ void __launch_bounds__(kExpandThreads) mix_kernel(Params p) {
 // 3. expand: out[t, off + j] += lora_b[c, j, :] . g for the rows j of this tile.
 // Dynamic smem: R floats (g), plus R (h) when a full sigma is applied here.
 
+// Minimum 6 blocks / SM: lets ptxas use up to 40 registers (no spill on sm_80, where the
+// default 32-register choice spilled one value) while keeping 1536 threads / SM in flight.
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kExpandThreads) expand_kernel(Params p) {
+__global__ void __launch_bounds__(kExpandThreads, 6) expand_kernel(Params p) {
   extern __shared__ __align__(16) float smem[];
   const int64_t t = blockIdx.x;
   int64_t adapter, cluster;
@@ -444,8 +446,9 @@ cudaError_t launch_all(Params p, cudaStream_t stream) {
   const int rank = p.rank;
 
   // 1. shrink: as many ranks per block as keeps >= kTargetBlocks blocks (reuse of x[t]).
-  const bool a_vec = p.d_in % kVec == 0 && p.x_row_stride % kVec == 0 && aligned16(p.x) &&
-                     aligned16(p.lora_a);
+  // x rows: the row stride only matters when there is more than one row.
+  const bool a_vec = p.d_in % kVec == 0 && (num_tokens == 1 || p.x_row_stride % kVec == 0) &&
+                     aligned16(p.x) && aligned16(p.lora_a);
   int rows = 1;
   if (num_tokens * ceil_div(rank, 4) >= kTargetBlocks) {
     rows = 4;

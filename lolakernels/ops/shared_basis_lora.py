@@ -21,7 +21,7 @@ from .. import _ops  # noqa: F401  (registers torch.ops.lolakernels.*)
 OutSlice = Optional[Sequence[int]]
 
 
-def _index_tensor(name: str, values, device: torch.device) -> Tensor:
+def _index_tensor(values, device: torch.device) -> Tensor:
     """int32 index tensor; int64 tensors (torch's default) are converted, other dtypes refused."""
     if not isinstance(values, Tensor):
         return torch.as_tensor(values, dtype=torch.int32, device=device)
@@ -103,7 +103,7 @@ def shared_basis_lora(
     and bfloat16, other cases run on the reference); accumulation is fp32.
     """
     device = x.device
-    ids = _index_tensor("ids", ids, device)
+    ids = _index_tensor(ids, device)
     num_clusters = lora_a.shape[0] if lora_a.dim() == 3 else 1
     if basis_of is None:
         if num_clusters != 1:
@@ -113,7 +113,7 @@ def shared_basis_lora(
         num_adapters = sigma.shape[0] if sigma is not None else 1
         basis_of = torch.zeros(num_adapters, dtype=torch.int32, device=device)
     else:
-        basis_of = _index_tensor("basis_of", basis_of, device)
+        basis_of = _index_tensor(basis_of, device)
     return _apply(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), None, None, out, out_slice, validate)
 
 
@@ -142,15 +142,17 @@ def multi_lora(
         out, out_slice, validate: as in :func:`shared_basis_lora`.
     """
     device = x.device
-    ids = _index_tensor("ids", ids, device)
+    ids = _index_tensor(ids, device)
     num_adapters = lora_a.shape[0] if lora_a.dim() == 3 else 0
     basis_of = torch.arange(num_adapters, dtype=torch.int32, device=device)
     adapter_scale = None
     scalar_scale = 1.0
     if isinstance(scale, Tensor):
+        if scale.dim() != 1 or scale.shape[0] != num_adapters:
+            raise ValueError(f"scale must be a float or a [N] = [{num_adapters}] tensor, got shape {list(scale.shape)}")
         adapter_scale = scale
     elif scale is not None:
         scalar_scale = float(scale)
     if ranks is not None:
-        ranks = _index_tensor("ranks", ranks, device)
+        ranks = _index_tensor(ranks, device)
     return _apply(x, lora_a, lora_b, None, ids, basis_of, scalar_scale, adapter_scale, ranks, out, out_slice, validate)

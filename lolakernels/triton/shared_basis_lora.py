@@ -264,6 +264,7 @@ def _decode_expand_kernel(
     rank_index = tl.arange(0, RANK_PAD)
     rank_mask = rank_index < rank_limit
 
+    # Entries past the true rank are not read, so h[k] = 0 for k >= r_a.
     h = tl.load(h_ptr + token * RANK_PAD + rank_index, mask=rank_mask, other=0.0)
     if SIGMA_MODE == 1:
         sigma_diag = tl.load(sigma_ptr + adapter * rank + rank_index, mask=rank_index < rank, other=0.0)
@@ -295,16 +296,16 @@ def _decode_expand_kernel(
         g = g * (scale * tl.load(adapter_scale_ptr + adapter))
     else:
         g = g * scale
-    g = tl.where(rank_mask, g, 0.0)
 
     lora_b_cluster = lora_b_ptr + cluster * d_out * rank
     out_row = out_ptr + token * stride_out_token + out_offset
     for output_tile in range(first_output_tile, last_output_tile):
         columns = output_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         column_mask = columns < d_out
+        # Columns of lora_b past the true rank are never read: that is g[j] = 0 for j >= r_a.
         lora_b_tile = tl.load(
             lora_b_cluster + columns[:, None] * rank + rank_index[None, :],
-            mask=column_mask[:, None] & rank_mask[None, :], other=0.0,
+            mask=column_mask[:, None] & (rank_index < rank)[None, :], other=0.0,
         )
         term = tl.sum(lora_b_tile.to(tl.float32) * g[None, :], axis=1)
         out_values = tl.load(out_row + columns, mask=column_mask, other=0.0)

@@ -1,0 +1,104 @@
+"""CUDA decode backend (thin wrapper over the ``lolakernels._cuda`` extension).
+
+The extension works on raw device pointers and an explicit stream (it includes no torch
+header), so this module turns tensors into ``data_ptr()`` integers, sizes and strides, and
+passes the current stream of the tensors' device. Inputs are expected to be validated
+by the caller (same dtype for x / lora_a / lora_b / sigma / out, unit column strides for
+x and out, contiguous weights, int32 ids / basis_of / ranks, fp32 adapter_scale).
+
+Semantics are those of :func:`lolakernels.reference.shared_basis_lora_`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+# The largest number of tokens the decode kernels are tuned for (larger batches still run).
+DECODE_MAX_TOKENS = 64
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+_SIGMA_NONE, _SIGMA_DIAGONAL, _SIGMA_FULL = 0, 1, 2
+
+
+def _module():
+    """The compiled extension ``lolakernels._cuda``; ImportError with the reason if absent."""
+    try:
+        from . import _cuda  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise ImportError(
+            "lolakernels._cuda is not available: the CUDA extension was not built or cannot be "
+            f"loaded ({exc}). Build the package with CUDA enabled (nvcc on PATH) to use the "
+            "CUDA backend."
+        ) from exc
+    return _cuda
+
+
+def available() -> tuple[bool, str]:
+    """Whether the CUDA backend can run here, and the reason when it cannot."""
+    try:
+        module = _module()
+    except ImportError as exc:
+        return False, str(exc)
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to PyTorch (torch.cuda.is_available() is False)"
+    if module.device_count() == 0:
+        return False, "the lolakernels._cuda extension sees no CUDA device (driver missing or too old?)"
+    return True, ""
+
+
+def _ptr(tensor: Optional[Tensor]) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def shared_basis_lora_(
+    out: Tensor,
+    out_offset: int,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    sigma: Optional[Tensor],
+    ids: Tensor,
+    basis_of: Tensor,
+    scale: float,
+    adapter_scale: Optional[Tensor],
+    ranks: Optional[Tensor],
+) -> None:
+    """Adds the LoRA term into ``out[:, out_offset : out_offset + d_out]`` (one rounding).
+
+    x [T, d_in], lora_a [C, R, d_in], lora_b [C, d_out, R], sigma None / [N, R] / [N, R, R],
+    ids [T] int32 (-1: token untouched), basis_of [N] int32, adapter_scale [N] fp32 or None,
+    ranks [N] int32 or None. Asynchronous on the current stream of ``x.device``.
+    """
+    module = _module()
+    dtype = _DTYPE_CODES.get(x.dtype)
+    if dtype is None:
+        raise TypeError(f"CUDA shared_basis_lora_ supports {CUDA_DTYPES}, got {x.dtype}")
+    num_tokens, d_in = x.shape
+    num_clusters, rank, _ = lora_a.shape
+    d_out = lora_b.shape[1]
+    num_adapters = basis_of.shape[0]
+    if sigma is None:
+        sigma_kind = _SIGMA_NONE
+    elif sigma.dim() == 2:
+        sigma_kind = _SIGMA_DIAGONAL
+    else:
+        sigma_kind = _SIGMA_FULL
+    with torch.cuda.device(x.device):
+        # h (then g) per token, fp32; allocated on the current stream like the launch.
+        workspace = torch.empty(num_tokens * rank, dtype=torch.float32, device=x.device)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        module.shared_basis_lora_decode(
+            out.data_ptr(), out.stride(0), int(out_offset),
+            x.data_ptr(), x.stride(0),
+            lora_a.data_ptr(), lora_b.data_ptr(),
+            _ptr(sigma), sigma_kind,
+            ids.data_ptr(), basis_of.data_ptr(),
+            float(scale), _ptr(adapter_scale), _ptr(ranks),
+            workspace.data_ptr(),
+            num_tokens, d_in, d_out, rank,
+            num_adapters, num_clusters,
+            dtype, stream,
+        )

@@ -1,0 +1,155 @@
+"""Bad input raises ValueError/TypeError naming the argument; nothing is computed from it."""
+import re
+
+import pytest
+import torch
+
+import lolakernels
+from lora_cases import make_problem
+
+
+@pytest.fixture
+def p():
+    return make_problem(6, 16, 12, 4, 5, 2, sigma_kind="full", seed=1)
+
+
+def call(p, **overrides):
+    args = dict(x=p.x, lora_a=p.lora_a, lora_b=p.lora_b, sigma=p.sigma, ids=p.ids)
+    kwargs = dict(basis_of=p.basis_of, scale=1.0)
+    for key, value in overrides.items():
+        (args if key in args else kwargs)[key] = value
+    return lolakernels.shared_basis_lora(**args, **kwargs)
+
+
+@pytest.mark.parametrize("bad_id", [5, 6, 1000, -2, -100])
+def test_out_of_range_ids(p, bad_id):
+    ids = p.ids.clone()
+    ids[3] = bad_id
+    out = torch.zeros(6, 12)
+    with pytest.raises(ValueError, match=re.escape(f"ids[3] = {bad_id} is outside [-1, 5)")):
+        call(p, ids=ids, out=out)
+    assert torch.equal(out, torch.zeros(6, 12)), "out was written although the call was refused"
+
+
+def test_out_of_range_ids_refused_by_the_cpu_kernel_even_without_validate(p, monkeypatch):
+    """validate=False skips the Python range check; the CPU kernel still refuses, writing nothing."""
+    monkeypatch.setenv("LOLA_BACKEND", "cpu")
+    ids = p.ids.clone()
+    ids[2] = 7
+    out = torch.zeros(6, 12)
+    with pytest.raises(ValueError, match=re.escape("ids[2] = 7 is outside [-1, 5)")):
+        call(p, ids=ids, out=out, validate=False)
+    assert torch.equal(out, torch.zeros(6, 12))
+
+
+def test_basis_of_pointing_past_c(p):
+    basis_of = p.basis_of.clone()
+    basis_of[1] = 2
+    with pytest.raises(ValueError, match=re.escape("basis_of[1] = 2 is outside [0, 2)")):
+        call(p, basis_of=basis_of, ids=torch.ones(6, dtype=torch.int32))
+
+
+def test_basis_of_missing_with_several_bases(p):
+    with pytest.raises(ValueError, match="basis_of is required: lora_a holds C = 2 bases"):
+        call(p, basis_of=None)
+
+
+@pytest.mark.parametrize("argument,value,message", [
+    ("x", lambda p: p.x[:, :15], "lora_a.shape[2] = 16 but x's d_in"),
+    ("lora_b", lambda p: p.lora_b[:, :, :3].contiguous(), "lora_b.shape[2] = 3 but the rank R"),
+    ("lora_b", lambda p: p.lora_b[:1], "lora_b.shape[0] = 1 but the number of bases C"),
+    ("sigma", lambda p: p.sigma[:, :3, :3].contiguous(), "sigma.shape[1] = 3 but the rank R"),
+    ("sigma", lambda p: p.sigma[:4], "sigma.shape[0] = 4 but the number of adapters N"),
+    ("sigma", lambda p: p.sigma[None], "sigma must be [N, R] (diagonal) or [N, R, R] (full)"),
+    ("ids", lambda p: p.ids[:5], "ids.shape[0] = 5 but the number of tokens T"),
+    ("x", lambda p: p.x[0], "x must be 2-D [T, d_in]"),
+    ("lora_a", lambda p: p.lora_a[0], "lora_a must be 3-D [C, R, d_in]"),
+])
+def test_mismatched_shapes(p, argument, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(p, **{argument: value(p)})
+
+
+def test_mismatched_out(p):
+    with pytest.raises(ValueError, match=re.escape("out.shape[0] = 5 but the number of tokens T")):
+        call(p, out=torch.zeros(5, 12))
+    with pytest.raises(ValueError, match="out has 13 columns but the LoRA term has d_out = 12"):
+        call(p, out=torch.zeros(6, 13))
+    with pytest.raises(ValueError, match=re.escape("out_slice = (5, 12) does not fit in out with 16 columns")):
+        call(p, out=torch.zeros(6, 16), out_slice=(5, 12))
+    with pytest.raises(ValueError, match="out_slice size 11 != d_out 12"):
+        call(p, out=torch.zeros(6, 16), out_slice=(0, 11))
+    with pytest.raises(ValueError, match="out_slice needs out"):
+        call(p, out_slice=(0, 12))
+    with pytest.raises(TypeError, match="out has dtype bfloat16; expected float32"):
+        call(p, out=torch.zeros(6, 12, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("argument", ["lora_a", "lora_b", "sigma"])
+def test_dtype_mismatch_names_the_argument(p, argument):
+    with pytest.raises(TypeError, match=f"{argument} has dtype bfloat16; expected float32"):
+        call(p, **{argument: getattr(p, argument).bfloat16()})
+
+
+def test_unsupported_dtypes(p):
+    with pytest.raises(TypeError, match="x has dtype float64; expected float32, float16, bfloat16"):
+        call(p, x=p.x.double(), lora_a=p.lora_a.double(), lora_b=p.lora_b.double(), sigma=p.sigma.double())
+    with pytest.raises(TypeError, match="ids has dtype int16; expected int32"):
+        call(p, ids=p.ids.short())
+    with pytest.raises(TypeError, match="basis_of has dtype float32; expected int32"):
+        call(p, basis_of=p.basis_of.float())
+
+
+def test_forced_backend_that_cannot_take_the_dtype_says_which_it_can(p, monkeypatch):
+    monkeypatch.setenv("LOLA_BACKEND", "cpu")
+    half = make_problem(4, 8, 8, 2, 2, 1, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=re.escape("LOLA_BACKEND=cpu cannot run this call: dtype float16 not "
+                                                     "supported (cpu takes float32, bfloat16)")):
+        lolakernels.shared_basis_lora(half.x, half.lora_a, half.lora_b, half.sigma, half.ids)
+
+
+@pytest.mark.parametrize("forced,reason", [
+    ("cuda", "cuda"),
+    ("triton", "triton"),
+    ("nonsense", "expected one of"),
+])
+def test_forced_backend_unavailable_raises_with_reason(p, monkeypatch, forced, reason):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: these backends are available")
+    monkeypatch.setenv("LOLA_BACKEND", forced)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises((RuntimeError, ValueError), match=reason):
+        call(p)
+
+
+def test_non_contiguous_weights_refused_and_strided_rows_accepted(p):
+    strided_a = torch.randn(2, 16, 4).transpose(1, 2)
+    with pytest.raises(ValueError, match="lora_a must be contiguous"):
+        call(p, lora_a=strided_a)
+    with pytest.raises(ValueError, match="x must have unit stride in its last dimension"):
+        call(p, x=torch.randn(16, 6).t())
+    # Row-strided views (a slice of a fused activation) are taken as they are.
+    wide = torch.randn(6, 40)
+    view = wide[:, 8:24]
+    assert torch.equal(call(p, x=view), call(p, x=view.contiguous()))
+
+
+def test_devices_must_match(p):
+    meta_a = p.lora_a.to("meta")
+    with pytest.raises(ValueError, match="lora_a is on meta but x is on cpu"):
+        call(p, lora_a=meta_a)
+
+
+def test_scale_must_be_finite(p):
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        call(p, scale=float("nan"))
+
+
+def test_multi_lora_refusals():
+    p = make_problem(4, 8, 6, 3, 2, 2, sigma_kind="none")
+    with pytest.raises(ValueError, match=re.escape("ranks[1] = 4 is outside [0, 3]")):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, ranks=torch.tensor([1, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=re.escape("scale must be a float or a [N] = [2] tensor, got shape [3]")):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(3))
+    with pytest.raises(ValueError, match=re.escape("ids[0] = 2 is outside [-1, 2)")):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, torch.tensor([2, 0, 0, 0]))

@@ -1,0 +1,141 @@
+"""shared_basis_lora / multi_lora on CPU backends vs the reference and an fp64 formula."""
+import pytest
+import torch
+
+import lolakernels
+from lolakernels.reference import lora_term
+from conftest import CPU_BACKENDS
+from lora_cases import assert_term_close, formula_fp64, make_problem
+
+SHAPES = [  # (T, d_in, d_out, R, N, C)
+    (0, 16, 8, 4, 3, 1),
+    (1, 33, 97, 5, 1, 1),
+    (1, 64, 48, 16, 40, 1),       # N > T, decode
+    (7, 33, 97, 13, 5, 3),        # odd everything, several clusters
+    (37, 130, 70, 16, 9, 1),
+    (64, 257, 129, 7, 200, 4),    # N > T, odd sizes, tails in every dimension
+    (130, 96, 64, 32, 12, 2),
+]
+BACKEND_IDS = [f"{b}-{isa}" if isa else b for b, isa in CPU_BACKENDS]
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_din{}_dout{}_R{}_N{}_C{}".format(*s))
+@pytest.mark.parametrize("sigma_kind", ["none", "diag", "full"])
+def test_fp32_matches_formula_and_reference(use_backend, backend, isa, shape, sigma_kind):
+    use_backend(backend, isa)
+    p = make_problem(*shape, sigma_kind=sigma_kind, seed=sum(shape))
+    oracle = formula_fp64(p)
+    term = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of, scale=p.scale)
+    assert term.dtype == torch.float32
+    assert_term_close(term, oracle, p)
+    assert_term_close(lora_term(*p.args()), oracle, p, "reference")
+
+
+# Every low-precision dtype each backend claims: reference bf16 + fp16, cpu bf16.
+LOW_PRECISION = [(b, isa, torch.bfloat16) for b, isa in CPU_BACKENDS] + [("reference", None, torch.float16)]
+
+
+@pytest.mark.parametrize("backend,isa,dtype", LOW_PRECISION,
+                         ids=[f"{b}-{isa}-{str(d)[6:]}" for b, isa, d in LOW_PRECISION])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
+@pytest.mark.parametrize("sigma_kind", ["diag", "full"])
+def test_low_precision_within_twice_plain_torch_error(use_backend, backend, isa, dtype, shape, sigma_kind):
+    use_backend(backend, isa)
+    p = make_problem(*shape, sigma_kind=sigma_kind, dtype=dtype, seed=3)
+    term = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of, scale=p.scale)
+    assert term.dtype == dtype
+    assert_term_close(term, formula_fp64(p), p)
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_out_accumulates_into_slice_only(use_backend, backend, isa, dtype):
+    """out_slice writes columns [offset, offset+d_out) of the rows with an adapter; nothing else."""
+    use_backend(backend, isa)
+    p = make_problem(23, 40, 24, 6, 5, 2, sigma_kind="full", dtype=dtype, seed=11)
+    base = torch.randn(23, 3 * 24 + 5, dtype=dtype)
+    out = base.clone()
+    returned = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of,
+                                             scale=p.scale, out=out, out_slice=(24 + 3, 24))
+    assert returned is out
+    expected = base.double().clone()
+    expected[:, 27:51] += formula_fp64(p)
+    outside = torch.ones_like(out, dtype=torch.bool)
+    outside[:, 27:51] = False
+    outside[p.ids < 0] = True
+    assert torch.equal(out[outside], base[outside]), "columns outside the slice or rows with id -1 changed"
+    # One rounding of (base + term): within half an ulp of the exact sum, plus the term's error.
+    assert_term_close(out[:, 27:51], expected[:, 27:51], p, "out slice")
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+def test_every_id_minus_one_leaves_out_untouched(use_backend, backend, isa):
+    use_backend(backend, isa)
+    p = make_problem(9, 32, 16, 4, 3, 1, ids="none")
+    out = torch.randn(9, 16)
+    before = out.clone()
+    lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, out=out)
+    assert torch.equal(out, before)
+    assert torch.equal(lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids), torch.zeros(9, 16))
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 48, 40, 8, 1), (5, 33, 21, 6, 9), (70, 64, 130, 16, 64)],
+                         ids=lambda s: "T{}_N{}".format(s[0], s[4]))
+def test_multi_lora_with_scales_and_true_ranks(use_backend, backend, isa, dtype, shape):
+    """Padded adapters with garbage in the padding: ranks= must make the padding irrelevant."""
+    use_backend(backend, isa)
+    num_tokens, d_in, d_out, rank, num_adapters = shape
+    p = make_problem(num_tokens, d_in, d_out, rank, num_adapters, num_adapters, sigma_kind="none", dtype=dtype,
+                     with_ranks=True, with_adapter_scale=True, seed=5)
+    p.basis_of = torch.arange(num_adapters, dtype=torch.int32)
+    term = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=p.adapter_scale, ranks=p.ranks)
+    p.scale = 1.0
+    oracle = formula_fp64(p)
+    assert_term_close(term, oracle, p) if dtype == torch.float32 else _assert_bf16_close(term, oracle)
+    # The same adapters with the padding zeroed and no ranks= give the same result.
+    keep = torch.arange(rank)[None, :] < p.ranks[:, None]
+    zeroed_a = p.lora_a * keep[:, :, None].to(dtype)
+    zeroed_b = p.lora_b * keep[:, None, :].to(dtype)
+    plain = lolakernels.multi_lora(p.x, zeroed_a, zeroed_b, p.ids, scale=p.adapter_scale)
+    assert torch.allclose(plain.float(), term.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
+
+
+def _assert_bf16_close(term, oracle):
+    magnitude = float(oracle.abs().max()) if oracle.numel() else 1.0
+    error = float((term.double() - oracle).abs().max()) if oracle.numel() else 0.0
+    assert error <= 8e-3 * magnitude, f"bf16 error {error} vs |term| {magnitude}"
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+def test_multi_lora_scalar_scale_and_int64_ids(use_backend, backend, isa):
+    use_backend(backend, isa)
+    p = make_problem(12, 20, 10, 4, 3, 3, sigma_kind="none", seed=8)
+    p.basis_of = torch.arange(3, dtype=torch.int32)
+    term = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids.long(), scale=p.scale)
+    assert_term_close(term, formula_fp64(p), p)
+
+
+def test_cpu_kernel_agrees_across_instruction_sets(use_backend):
+    """The AVX-512 paths and the portable path compute the same sums (up to summation order)."""
+    results = {}
+    for backend, isa in CPU_BACKENDS:
+        if backend != "cpu":
+            continue
+        use_backend(backend, isa)
+        p = make_problem(50, 300, 77, 11, 30, 3, sigma_kind="full", dtype=torch.bfloat16, seed=2)
+        results[isa] = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+    reference = results.pop("scalar")
+    for isa, result in results.items():
+        differing = (result.float() - reference.float()).abs() > 8e-3 * reference.float().abs().max()
+        assert not differing.any(), f"{isa} differs from scalar at {differing.nonzero()[:5].tolist()}"
+
+
+def test_default_backend_on_cpu_is_the_cpu_extension(monkeypatch):
+    from lolakernels import _backends
+
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    assert _backends.select(_backends.Case(torch.device("cpu"), torch.float32, 8)) == "cpu"
+    assert _backends.select(_backends.Case(torch.device("cpu"), torch.float16, 8)) == "reference"
