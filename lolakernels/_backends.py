@@ -6,6 +6,7 @@ one backend; asking for one that cannot run the case raises ``RuntimeError`` wit
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def backend_available(name: str) -> tuple[bool, str]:
     """Whether a backend can run at all on this machine, with the reason if not."""
     if name == "reference":
@@ -56,6 +58,7 @@ def backend_available(name: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
 
 
+@functools.lru_cache(maxsize=4096)
 def _decline_reason(name: str, case: Case) -> Optional[str]:
     """None if backend `name` takes this case, else why not."""
     ok, reason = backend_available(name)

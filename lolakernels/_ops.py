@@ -106,7 +106,9 @@ def check_shared_basis_values(
         require_in_range("ranks", ranks, 0, rank, f"[0, {rank}] (R = {rank})")
 
 
-def _run(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
+def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
+                           validate):
+    """Body of lolakernels::shared_basis_lora_: checks, then the selected backend's kernel."""
     check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
     if validate:
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
@@ -134,7 +136,7 @@ def shared_basis_lora_inplace(
     validate: bool,
 ) -> None:
     """out[:, out_offset : out_offset + d_out] += shared-basis LoRA term (see reference)."""
-    _run(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
 
 
 @shared_basis_lora_inplace.register_fake
@@ -157,7 +159,7 @@ def shared_basis_lora_functional(
 ) -> Tensor:
     """The shared-basis LoRA term [T, d_out] in x's dtype (zero rows for id -1)."""
     out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
-    _run(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    run_shared_basis_lora_(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
     return out
 
 

@@ -1,6 +1,7 @@
 """Thin wrapper over the pybind11 CPU module ``lolakernels._C`` (raw pointers, no torch ABI)."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -30,9 +31,13 @@ def available() -> tuple[bool, str]:
 
 def isa() -> int:
     """Instruction set the kernels use: the best this CPU has, or ``LOLA_CPU_ISA`` if set."""
+    return _isa_for(os.environ.get("LOLA_CPU_ISA", "").strip().lower())
+
+
+@functools.lru_cache(maxsize=None)
+def _isa_for(forced: str) -> int:
     module = _module()
     names = {"scalar": module.ISA_SCALAR, "avx512": module.ISA_AVX512, "avx512_bf16": module.ISA_AVX512_BF16}
-    forced = os.environ.get("LOLA_CPU_ISA", "").strip().lower()
     if not forced:
         return module.best_isa()
     if forced not in names:

@@ -21,6 +21,7 @@ namespace {
 #define LOLA_STRINGIFY_IMPL(...) #__VA_ARGS__
 #define LOLA_STRINGIFY(...) LOLA_STRINGIFY_IMPL(__VA_ARGS__)
 
+#ifdef LOLA_CUDA_ARCHS
 // One CMake-style architecture entry in nvcc terms: "80-real" -> "sm_80",
 // "90-virtual" -> "compute_90", "90a" / "90" -> "sm_90a" / "sm_90"; "sm_*" and
 // "compute_*" entries are kept as they are.
@@ -40,6 +41,7 @@ std::string normalize_arch(std::string arch) {
   if (ends_with("-real")) return "sm_" + arch.substr(0, arch.size() - 5);
   return "sm_" + arch;
 }
+#endif
 
 // LOLA_CUDA_ARCHS may be defined bare (-DLOLA_CUDA_ARCHS=sm_80,sm_90) or as a string
 // literal (CMake: LOLA_CUDA_ARCHS="80-real,90-real,90-virtual"); ',' or ';' separated.

@@ -133,13 +133,13 @@ def _fused_prefill_kernel(
         rank_mask = rank_index[None, :] < true_rank[:, None]
         h = tl.where(rank_mask, h, 0.0)
 
-    if SIGMA_MODE == 1:
+    if SIGMA_MODE == 1:  # SIGMA_DIAG
         sigma_diag = tl.load(
             sigma_ptr + adapters[:, None] * rank + rank_index[None, :],
             mask=row_mask[:, None] & (rank_index[None, :] < rank), other=0.0,
         ).to(tl.float32)
         g = sigma_diag * h
-    elif SIGMA_MODE == 2:
+    elif SIGMA_MODE == 2:  # SIGMA_FULL
         # Per-token matvec g[m, j] = sum_k sigma[a_m, j, k] h[m, k] on a 3-D tile, in
         # chunks of SIGMA_J_BLOCK values of j; each chunk is placed into g through a
         # one-hot select (register tensors cannot be written by slice).
@@ -266,10 +266,10 @@ def _decode_expand_kernel(
 
     # Entries past the true rank are not read, so h[k] = 0 for k >= r_a.
     h = tl.load(h_ptr + token * RANK_PAD + rank_index, mask=rank_mask, other=0.0)
-    if SIGMA_MODE == 1:
+    if SIGMA_MODE == 1:  # SIGMA_DIAG
         sigma_diag = tl.load(sigma_ptr + adapter * rank + rank_index, mask=rank_index < rank, other=0.0)
         g = sigma_diag.to(tl.float32) * h
-    elif SIGMA_MODE == 2:
+    elif SIGMA_MODE == 2:  # SIGMA_FULL
         sigma_rows = sigma_ptr + adapter * rank * rank
         k_valid = (rank_index < rank)[None, :]
         if SIGMA_J_BLOCK == RANK_PAD:
@@ -305,11 +305,12 @@ def _decode_expand_kernel(
         # Columns of lora_b past the true rank are never read: that is g[j] = 0 for j >= r_a.
         lora_b_tile = tl.load(
             lora_b_cluster + columns[:, None] * rank + rank_index[None, :],
-            mask=column_mask[:, None] & (rank_index < rank)[None, :], other=0.0,
+            mask=column_mask[:, None] & rank_mask[None, :], other=0.0,
         )
         term = tl.sum(lora_b_tile.to(tl.float32) * g[None, :], axis=1)
         out_values = tl.load(out_row + columns, mask=column_mask, other=0.0)
-        tl.store(out_row + columns, (out_values.to(tl.float32) + term).to(out_values.dtype), mask=column_mask)
+        updated = out_values.to(tl.float32) + term
+        tl.store(out_row + columns, updated.to(out_values.dtype), mask=column_mask)
 
 
 def _cluster_tiles(ids: Tensor, basis_of: Tensor, clusters: int, block_m: int):
@@ -322,9 +323,8 @@ def _cluster_tiles(ids: Tensor, basis_of: Tensor, clusters: int, block_m: int):
     """
     num_tokens = ids.shape[0]
     device = ids.device
-    cluster_of_token = torch.where(
-        ids >= 0, basis_of[ids.clamp(min=0).long()].long(), torch.full_like(ids, clusters, dtype=torch.long)
-    )
+    sentinel = torch.full_like(ids, clusters, dtype=torch.long)
+    cluster_of_token = torch.where(ids >= 0, basis_of[ids.clamp(min=0).long()].long(), sentinel)
     sorted_cluster, token_order = torch.sort(cluster_of_token, stable=True)
     cluster_bounds = torch.searchsorted(sorted_cluster, torch.arange(clusters + 1, device=device))
     cluster_start, cluster_stop = cluster_bounds[:-1], cluster_bounds[1:]
@@ -337,7 +337,8 @@ def _cluster_tiles(ids: Tensor, basis_of: Tensor, clusters: int, block_m: int):
     tile_cluster = torch.searchsorted(tiles_through_cluster, tile_index, right=True)
     is_real = tile_cluster < clusters
     cluster_of_tile = tile_cluster.clamp(max=clusters - 1)
-    tile_begin = cluster_start[cluster_of_tile] + (tile_index - tiles_before_cluster[cluster_of_tile]) * block_m
+    tile_in_cluster = tile_index - tiles_before_cluster[cluster_of_tile]
+    tile_begin = cluster_start[cluster_of_tile] + tile_in_cluster * block_m
     tile_end = torch.minimum(tile_begin + block_m, cluster_stop[cluster_of_tile])
     tile_begin = torch.where(is_real, tile_begin, 0)
     tile_end = torch.where(is_real, tile_end, 0)
@@ -358,6 +359,8 @@ def _prefill_(
     num_tokens, d_in = x.shape
     clusters, rank, _ = lora_a.shape
     d_out = lora_b.shape[1]
+    if num_tokens == 0 or d_out == 0:
+        return
     rank_pad = _padded_rank(rank)
     if block_m is None:
         tokens_per_cluster = triton.cdiv(num_tokens, min(clusters, num_tokens))
@@ -402,10 +405,15 @@ def _decode_(
     num_tokens, d_in = x.shape
     rank = lora_a.shape[1]
     d_out = lora_b.shape[1]
+    if num_tokens == 0 or d_out == 0:
+        return
     rank_pad = _padded_rank(rank)
     target_programs = _target_programs(x.device)
     if block_k is None:
-        block_k = min(max(16, 4096 // rank_pad), max(16, _next_power_of_2(d_in)))
+        # Few tokens: split d_in finely enough that the splits alone fill the GPU, within a
+        # [R_pad, BLOCK_K] tile of about 4K elements.
+        splits_wanted = triton.cdiv(target_programs, num_tokens)
+        block_k = min(max(16, 4096 // rank_pad), max(16, _next_power_of_2(triton.cdiv(d_in, splits_wanted))))
     if block_n is None:
         block_n = min(max(16, 4096 // rank_pad), 128, max(16, _next_power_of_2(d_out)))
     sigma_j_block = max(1, min(rank_pad, 4096 // rank_pad))

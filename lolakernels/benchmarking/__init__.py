@@ -1,0 +1,1 @@
+"""Benchmark runners behind `lolakernels bench ...` and benchmarks/*.py."""

@@ -1,0 +1,260 @@
+"""Shared-basis LoRA benchmark: what one adapted linear layer costs on top of its base GEMM.
+
+For each (dtype, clusters C, rank R, tokens T, adapters N) it times, in the same run:
+  base         y = x · Wᵀ
+  shared       base + lolakernels.shared_basis_lora (JD-Full Σ, C bases)
+  composition  base + the plain-PyTorch composition (two GEMMs + gather of Σ)
+  multi_lora   base + lolakernels.multi_lora on the equivalent uncompressed adapters (rank R)
+  peft         PEFT's mixed-batch forward (adapter_names=) on those adapters, PEFT's defaults
+and reports overheads over the base GEMM, speed ratios, and the fraction of measured memory
+bandwidth the LoRA part reaches at T = 1.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import lolakernels
+from lolakernels.reference import shared_basis_lora_torch
+
+from .timing import machine_description, measure_read_bandwidth, median_seconds, write_results
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: str
+    clusters: int
+    rank: int
+    tokens: int
+    adapters: int
+    d_in: int = 4096
+    d_out: int = 4096
+
+
+def full_grid(d: int = 4096) -> list[Config]:
+    """The grid of the issue: R ∈ {16, 64}, T ∈ {1, 16, 256}, N ∈ {1, 64, 1024}, C ∈ {1, 8},
+    fp32 and bf16; plus N = T = 64 and N = T = 256 for the PEFT comparison."""
+    grid = [Config(dtype, clusters, rank, tokens, adapters, d, d)
+            for dtype, clusters, rank, tokens, adapters in itertools.product(
+                ("float32", "bfloat16"), (1, 8), (16, 64), (1, 16, 256), (1, 64, 1024))
+            if adapters >= clusters]
+    grid += [Config(dtype, 1, rank, n, n, d, d) for dtype in ("float32", "bfloat16") for rank in (16, 64)
+             for n in (64, 256)]
+    return grid
+
+
+def quick_grid(d: int = 1024) -> list[Config]:
+    return [Config(dtype, 1, 16, tokens, adapters, d, d)
+            for dtype in ("float32", "bfloat16") for tokens, adapters in ((1, 8), (16, 64), (64, 64))]
+
+
+class _Adapters:
+    """A shared-basis bank and its equivalent uncompressed adapters for one (dtype, C, R, N)."""
+
+    def __init__(self, cfg: Config, seed: int = 0):
+        dtype = getattr(torch, cfg.dtype)
+        generator = torch.Generator().manual_seed(seed)
+        randn = lambda *shape, std: (torch.randn(*shape, generator=generator) * std)  # noqa: E731
+        self.weight = randn(cfg.d_out, cfg.d_in, std=cfg.d_in ** -0.5).to(dtype)
+        self.lora_a = randn(cfg.clusters, cfg.rank, cfg.d_in, std=cfg.d_in ** -0.5).to(dtype)
+        self.lora_b = randn(cfg.clusters, cfg.d_out, cfg.rank, std=cfg.rank ** -0.5).to(dtype)
+        self.sigma = randn(cfg.adapters, cfg.rank, cfg.rank, std=cfg.rank ** -0.5).to(dtype)
+        self.basis_of = torch.arange(cfg.adapters, dtype=torch.int32) % cfg.clusters
+        self._uncompressed: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._peft = None
+        self.cfg = cfg
+
+    def uncompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_a [N, R, d_in] = A_c, lora_b [N, d_out, R] = B_c Σ_i: the same deltas, stored per adapter."""
+        if self._uncompressed is None:
+            cluster = self.basis_of.long()
+            lora_a = self.lora_a[cluster].contiguous()
+            lora_b = torch.bmm(self.lora_b[cluster].float(), self.sigma.float()).to(self.lora_a.dtype)
+            self._uncompressed = (lora_a, lora_b)
+        return self._uncompressed
+
+    def peft_layer(self):
+        """A peft.tuners.lora.Linear holding the N uncompressed adapters (PEFT keeps them in fp32)."""
+        if self._peft is None:
+            import peft
+
+            cfg = self.cfg
+            base = torch.nn.Linear(cfg.d_in, cfg.d_out, bias=False, dtype=self.weight.dtype)
+            base.weight.data.copy_(self.weight)
+            model = torch.nn.Sequential()
+            model.add_module("proj", base)
+            config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=["proj"])
+            peft_model = peft.get_peft_model(model, config, adapter_name="a0")
+            layer = peft_model.base_model.model.proj
+            for i in range(1, cfg.adapters):
+                layer.update_layer(f"a{i}", cfg.rank, cfg.rank, config=config)
+            lora_a, lora_b = self.uncompressed()
+            with torch.no_grad():
+                for i in range(cfg.adapters):
+                    layer.lora_A[f"a{i}"].weight.copy_(lora_a[i])
+                    layer.lora_B[f"a{i}"].weight.copy_(lora_b[i])
+            self._peft = layer.eval()
+        return self._peft
+
+
+def _lora_bytes(cfg: Config, ids: torch.Tensor, basis_of: torch.Tensor, element_size: int) -> int:
+    """DESIGN §7: C_active·R(d_in+d_out) + N_active·R² weights, plus x and two passes over out."""
+    active = ids[ids >= 0].unique()
+    clusters_active = basis_of[active.long()].unique().numel()
+    weights = clusters_active * cfg.rank * (cfg.d_in + cfg.d_out) + active.numel() * cfg.rank ** 2
+    activations = ids.numel() * (cfg.d_in + 2 * cfg.d_out)
+    return (weights + activations) * element_size
+
+
+def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bool) -> dict:
+    dtype = getattr(torch, cfg.dtype)
+    generator = torch.Generator().manual_seed(cfg.tokens * 7919 + cfg.adapters)
+    x = torch.randn(cfg.tokens, cfg.d_in, generator=generator).to(dtype)
+    ids = torch.randint(0, cfg.adapters, (cfg.tokens,), generator=generator, dtype=torch.int32)
+    a = adapters
+
+    def base():
+        return F.linear(x, a.weight)
+
+    def shared():
+        return lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids, basis_of=a.basis_of,
+                                             out=F.linear(x, a.weight), validate=False)
+
+    def shared_only():
+        return lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids, basis_of=a.basis_of, validate=False)
+
+    def composition():
+        return F.linear(x, a.weight) + shared_basis_lora_torch(x, a.lora_a, a.lora_b, a.sigma, ids, a.basis_of)
+
+    times = {"base": median_seconds(base), "shared": median_seconds(shared),
+             "shared_lora_only": median_seconds(shared_only), "composition": median_seconds(composition)}
+    row = asdict(cfg)
+    max_error = {}
+    if cfg.clusters == 1 or not with_peft:
+        lora_a_flat, lora_b_flat = a.uncompressed()
+
+        def multi():
+            return lolakernels.multi_lora(x, lora_a_flat, lora_b_flat, ids, out=F.linear(x, a.weight), validate=False)
+
+        times["multi_lora"] = median_seconds(multi)
+        if with_peft:
+            layer = a.peft_layer()
+            names = [f"a{i}" for i in ids.tolist()]
+            x3 = x.unsqueeze(1)
+
+            def peft_mixed():
+                with torch.no_grad():
+                    return layer(x3, adapter_names=names)
+
+            times["peft"] = median_seconds(peft_mixed)
+            reference = peft_mixed().squeeze(1).float()
+            scale = reference.abs().max().item()
+            max_error["multi_lora_vs_peft"] = (multi().float() - reference).abs().max().item() / scale
+            max_error["shared_vs_peft"] = (shared().float() - reference).abs().max().item() / scale
+    with torch.no_grad():
+        for name in times:
+            row[f"{name}_ms"] = times[name] * 1e3
+        for name in ("shared", "composition", "multi_lora", "peft"):
+            if name in times:
+                row[f"{name}_overhead_pct"] = 100 * (times[name] / times["base"] - 1)
+        row["shared_speedup_vs_composition"] = times["composition"] / times["shared"]
+        if "peft" in times:
+            row["shared_speedup_vs_peft"] = times["peft"] / times["shared"]
+            row["multi_lora_speedup_vs_peft"] = times["peft"] / times["multi_lora"]
+        lora_bytes = _lora_bytes(cfg, ids, a.basis_of, x.element_size())
+        row["lora_bytes"] = lora_bytes
+        row["lora_fraction_of_bandwidth"] = lora_bytes / times["shared_lora_only"] / bandwidth
+        row.update({f"max_rel_error_{k}": v for k, v in max_error.items()})
+    return row
+
+
+def _fmt(value, digits=1):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
+    lines = [
+        f"# shared-basis LoRA on {machine}",
+        "",
+        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. d_in = d_out = {rows[0]['d_in']}, JD-Full Σ.",
+        "Overheads are (layer time / base GEMM time − 1); PEFT runs its own defaults (fp32 adapters).",
+        "",
+        "| dtype | C | R | T | N | base ms | shared +% | composition +% | multi_lora +% | PEFT +% "
+        "| shared vs composition | multi_lora vs PEFT | LoRA part, % of bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
+            f"| {_fmt(r['base_ms'], 2)} | {_fmt(r['shared_overhead_pct'])} | {_fmt(r['composition_overhead_pct'])} "
+            f"| {_fmt(r.get('multi_lora_overhead_pct'))} | {_fmt(r.get('peft_overhead_pct'))} "
+            f"| {_fmt(r['shared_speedup_vs_composition'], 2)}× | "
+            f"{_fmt(r.get('multi_lora_speedup_vs_peft'), 2) + '×' if 'multi_lora_speedup_vs_peft' in r else '–'} "
+            f"| {_fmt(100 * r['lora_fraction_of_bandwidth'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> Optional[Path]:
+    """Overhead over the base GEMM vs N (C = 1, R = 16): shared basis vs PEFT mixed batch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for axis, dtype in zip(axes, ("float32", "bfloat16")):
+        for tokens, style in ((16, "-"), (256, "--")):
+            for key, label, color in (("shared_overhead_pct", "shared_basis_lora", "tab:blue"),
+                                      ("multi_lora_overhead_pct", "multi_lora", "tab:green"),
+                                      ("peft_overhead_pct", "PEFT mixed batch", "tab:red")):
+                points = sorted((r["adapters"], r[key]) for r in rows if r["dtype"] == dtype and r["clusters"] == 1
+                                and r["rank"] == 16 and r["tokens"] == tokens and key in r)
+                if points:
+                    axis.plot(*zip(*points), style, marker="o", color=color, label=f"{label}, T={tokens}")
+        axis.set_xscale("log")
+        axis.set_yscale("symlog", linthresh=10)
+        axis.set_xlabel("adapters N in the bank")
+        axis.set_ylabel("added time over base GEMM (%)")
+        axis.set_title(f"{dtype}, R = 16, 4096×4096")
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = True, stem: str = "shared_basis_cpu",
+        progress: bool = True) -> list[dict]:
+    bandwidth = measure_read_bandwidth()
+    machine = machine_description()
+    rows = []
+    cache_key, adapters = None, None
+    for index, cfg in enumerate(sorted(configs, key=lambda c: (c.dtype, c.clusters, c.rank, c.adapters, c.tokens))):
+        key = (cfg.dtype, cfg.clusters, cfg.rank, cfg.adapters, cfg.d_in, cfg.d_out)
+        if key != cache_key:
+            adapters, cache_key = _Adapters(cfg), key
+        row = run_config(cfg, adapters, bandwidth, with_peft)
+        rows.append(row)
+        if progress:
+            print(f"[{index + 1}/{len(configs)}] {cfg.dtype} C={cfg.clusters} R={cfg.rank} T={cfg.tokens} "
+                  f"N={cfg.adapters}: base {row['base_ms']:.2f} ms, shared +{row['shared_overhead_pct']:.1f}%"
+                  + (f", PEFT +{row['peft_overhead_pct']:.0f}%" if "peft_overhead_pct" in row else ""), flush=True)
+    table = markdown_table(rows, machine, bandwidth)
+    if out_dir is not None:
+        payload = {"machine": machine, "read_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__,
+                   "lolakernels": lolakernels.__version__, "rows": rows}
+        write_results(out_dir, stem, payload, table)
+        plot(rows, out_dir / f"{stem}.png")
+    return rows
