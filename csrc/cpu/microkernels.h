@@ -11,16 +11,21 @@ constexpr int kShrinkTokens = 4;   // tokens per shrink tile
 constexpr int kShrinkRanks = 6;    // ranks per shrink tile
 constexpr int kExpandTokens = 6;   // tokens per expand tile
 constexpr int kExpandCols = 32;    // output columns per expand tile (packed panel width)
+// d_in chunk of the shrink: a tile of x rows (4 × 1024 fp32 = 16 KiB) stays in L1 while every
+// rank tile of the chunk passes over it, and lora_a's chunk (R × 4 KiB) stays in L2.
+constexpr int64_t kShrinkChunk = 1024;
 
 struct MicroKernels {
-  // h[i * h_stride + k] = Σ_d x_rows[i][d] · a_rows[k * d_in + d]
-  // for i < num_tokens (≤ kShrinkTokens), k < num_ranks (≤ kShrinkRanks).
-  void (*shrink)(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
-                 int num_ranks, float* h, int64_t h_stride);
+  // h[i * h_stride + k] += Σ_{d < length} x_rows[i][d] · a_rows[k * a_stride + d]
+  // for i < num_tokens (≤ kShrinkTokens), k < num_ranks (≤ kShrinkRanks): one d_in chunk.
+  void (*shrink)(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t length,
+                 int num_tokens, int num_ranks, float* h, int64_t h_stride);
   // out_rows[i][j] += Σ_k g[i * g_stride + k] · panel[k * kExpandCols + j], one rounding,
   // for i < num_tokens (≤ kExpandTokens), j < num_cols (≤ kExpandCols); panel is fp32.
   void (*expand)(const float* g, int64_t g_stride, const float* panel, int64_t rank,
                  void* const* out_rows, int num_tokens, int num_cols);
+  // g[j] = Σ_{k < true_rank} sigma_rows[j * rank + k] · h[k] for j < rank (one adapter's full Σ).
+  void (*sigma_full)(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g);
 };
 
 MicroKernels scalar_kernels(bool bf16);

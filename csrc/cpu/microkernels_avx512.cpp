@@ -37,7 +37,8 @@ inline __m256i narrow_to_bf16(__m512 values) {
 }
 
 template <int Tokens, int Ranks>
-void shrink_f32(const void* const* x_rows, const void* a_rows, int64_t d_in, float* h, int64_t h_stride) {
+void shrink_f32(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t d_in, float* h,
+                int64_t h_stride) {
   const float* x[Tokens];
   for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const float*>(x_rows[i]);
   const float* a = static_cast<const float*>(a_rows);
@@ -49,16 +50,16 @@ void shrink_f32(const void* const* x_rows, const void* a_rows, int64_t d_in, flo
     __m512 xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, x[i] + d);
     for (int k = 0; k < Ranks; ++k) {
-      const __m512 av = _mm512_maskz_loadu_ps(mask, a + k * d_in + d);
+      const __m512 av = _mm512_maskz_loadu_ps(mask, a + k * a_stride + d);
       for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
     }
   }
   for (int i = 0; i < Tokens; ++i)
-    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] += _mm512_reduce_add_ps(acc[i][k]);
 }
 
 template <int Tokens, int Ranks>
-void shrink_bf16_widen(const void* const* x_rows, const void* a_rows, int64_t d_in, float* h,
+void shrink_bf16_widen(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t d_in, float* h,
                        int64_t h_stride) {
   const uint16_t* x[Tokens];
   for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const uint16_t*>(x_rows[i]);
@@ -71,17 +72,18 @@ void shrink_bf16_widen(const void* const* x_rows, const void* a_rows, int64_t d_
     __m512 xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = widen_bf16(_mm256_maskz_loadu_epi16(mask, x[i] + d));
     for (int k = 0; k < Ranks; ++k) {
-      const __m512 av = widen_bf16(_mm256_maskz_loadu_epi16(mask, a + k * d_in + d));
+      const __m512 av = widen_bf16(_mm256_maskz_loadu_epi16(mask, a + k * a_stride + d));
       for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
     }
   }
   for (int i = 0; i < Tokens; ++i)
-    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] += _mm512_reduce_add_ps(acc[i][k]);
 }
 
 template <int Tokens, int Ranks>
 __attribute__((target("avx512bf16"))) void shrink_bf16_dot(const void* const* x_rows, const void* a_rows,
-                                                         int64_t d_in, float* h, int64_t h_stride) {
+                                                         int64_t a_stride, int64_t d_in, float* h,
+                                                         int64_t h_stride) {
   const uint16_t* x[Tokens];
   for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const uint16_t*>(x_rows[i]);
   const uint16_t* a = static_cast<const uint16_t*>(a_rows);
@@ -93,16 +95,16 @@ __attribute__((target("avx512bf16"))) void shrink_bf16_dot(const void* const* x_
     __m512i xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_epi16(mask, x[i] + d);
     for (int k = 0; k < Ranks; ++k) {
-      const __m512i av = _mm512_maskz_loadu_epi16(mask, a + k * d_in + d);
+      const __m512i av = _mm512_maskz_loadu_epi16(mask, a + k * a_stride + d);
       for (int i = 0; i < Tokens; ++i)
         acc[i][k] = _mm512_dpbf16_ps(acc[i][k], (__m512bh)xv[i], (__m512bh)av);
     }
   }
   for (int i = 0; i < Tokens; ++i)
-    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] = _mm512_reduce_add_ps(acc[i][k]);
+    for (int k = 0; k < Ranks; ++k) h[i * h_stride + k] += _mm512_reduce_add_ps(acc[i][k]);
 }
 
-using ShrinkTile = void (*)(const void* const*, const void*, int64_t, float*, int64_t);
+using ShrinkTile = void (*)(const void* const*, const void*, int64_t, int64_t, float*, int64_t);
 
 // Tables of all (tokens, ranks) tile shapes of one kernel template, indexed [tokens-1][ranks-1].
 #define LOLA_SHRINK_ROW(kernel, tokens) \
@@ -116,17 +118,17 @@ LOLA_SHRINK_TABLE(kShrinkF32, shrink_f32)
 LOLA_SHRINK_TABLE(kShrinkBf16Widen, shrink_bf16_widen)
 LOLA_SHRINK_TABLE(kShrinkBf16Dot, shrink_bf16_dot)
 
-void shrink_f32_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+void shrink_f32_any(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t d_in, int num_tokens,
                     int num_ranks, float* h, int64_t h_stride) {
-  kShrinkF32[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+  kShrinkF32[num_tokens - 1][num_ranks - 1](x_rows, a_rows, a_stride, d_in, h, h_stride);
 }
-void shrink_bf16_widen_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+void shrink_bf16_widen_any(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t d_in, int num_tokens,
                            int num_ranks, float* h, int64_t h_stride) {
-  kShrinkBf16Widen[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+  kShrinkBf16Widen[num_tokens - 1][num_ranks - 1](x_rows, a_rows, a_stride, d_in, h, h_stride);
 }
-void shrink_bf16_dot_any(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+void shrink_bf16_dot_any(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t d_in, int num_tokens,
                          int num_ranks, float* h, int64_t h_stride) {
-  kShrinkBf16Dot[num_tokens - 1][num_ranks - 1](x_rows, a_rows, d_in, h, h_stride);
+  kShrinkBf16Dot[num_tokens - 1][num_ranks - 1](x_rows, a_rows, a_stride, d_in, h, h_stride);
 }
 
 template <int Tokens, bool Bf16>
@@ -171,11 +173,30 @@ void expand_any(const float* g, int64_t g_stride, const float* panel, int64_t ra
   kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
 }
 
+// One row of Σ per output j, 16 k's per step; h stays in registers for R <= 64.
+template <bool Bf16>
+void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g) {
+  for (int64_t j = 0; j < rank; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < true_rank; k += 16) {
+      const __mmask16 mask = low_mask16(true_rank - k);
+      __m512 row;
+      if constexpr (Bf16) {
+        row = widen_bf16(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(sigma_rows) + j * rank + k));
+      } else {
+        row = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(sigma_rows) + j * rank + k);
+      }
+      acc = _mm512_fmadd_ps(row, _mm512_maskz_loadu_ps(mask, h + k), acc);
+    }
+    g[j] = _mm512_reduce_add_ps(acc);
+  }
+}
+
 }  // namespace
 
 MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
-  if (!bf16) return {&shrink_f32_any, &expand_any<false>};
-  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>};
+  if (!bf16) return {&shrink_f32_any, &expand_any<false>, &sigma_full<false>};
+  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>, &sigma_full<true>};
 }
 
 }  // namespace lola::cpu

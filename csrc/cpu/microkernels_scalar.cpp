@@ -16,15 +16,15 @@ inline void store_from_float(float* data, int64_t index, float value) { data[ind
 inline void store_from_float(uint16_t* data, int64_t index, float value) { data[index] = float_to_bf16(value); }
 
 template <typename Element>
-void shrink(const void* const* x_rows, const void* a_rows, int64_t d_in, int num_tokens,
+void shrink(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t length, int num_tokens,
             int num_ranks, float* h, int64_t h_stride) {
   const auto* a = static_cast<const Element*>(a_rows);
   for (int i = 0; i < num_tokens; ++i) {
     const auto* x = static_cast<const Element*>(x_rows[i]);
     for (int k = 0; k < num_ranks; ++k) {
       float sum = 0.0f;
-      for (int64_t d = 0; d < d_in; ++d) sum += load_as_float(x, d) * load_as_float(a, k * d_in + d);
-      h[i * h_stride + k] = sum;
+      for (int64_t d = 0; d < length; ++d) sum += load_as_float(x, d) * load_as_float(a, k * a_stride + d);
+      h[i * h_stride + k] += sum;
     }
   }
 }
@@ -42,11 +42,21 @@ void expand(const float* g, int64_t g_stride, const float* panel, int64_t rank,
   }
 }
 
+template <typename Element>
+void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g) {
+  const auto* sigma = static_cast<const Element*>(sigma_rows);
+  for (int64_t j = 0; j < rank; ++j) {
+    float sum = 0.0f;
+    for (int64_t k = 0; k < true_rank; ++k) sum += load_as_float(sigma, j * rank + k) * h[k];
+    g[j] = sum;
+  }
+}
+
 }  // namespace
 
 MicroKernels scalar_kernels(bool bf16) {
-  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>};
-  return {&shrink<float>, &expand<float>};
+  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>, &sigma_full<uint16_t>};
+  return {&shrink<float>, &expand<float>, &sigma_full<float>};
 }
 
 }  // namespace lola::cpu

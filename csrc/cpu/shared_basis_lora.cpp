@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/bf16.h"
@@ -40,9 +41,11 @@ struct Group {
   int64_t end;
 };
 
+// A tile of up to kShrinkTokens tokens of one group, over ranks [rank_begin, rank_end).
 struct ShrinkItem {
   int32_t group;
   int32_t rank_begin;
+  int32_t rank_end;
   int64_t token_begin;
 };
 
@@ -89,7 +92,7 @@ std::string plan_groups(const LoraProblem& p, std::vector<int64_t>& order, std::
 }
 
 // g = s · Σ_a(h), with h and g zeroed past the adapter's true rank.
-void apply_sigma(const LoraProblem& p, int64_t adapter, float* h, float* g) {
+void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adapter, float* h, float* g) {
   const int64_t rank = p.rank;
   const int64_t true_rank = p.ranks ? p.ranks[adapter] : rank;
   const float s = p.scale * (p.adapter_scale ? p.adapter_scale[adapter] : 1.0f);
@@ -101,28 +104,41 @@ void apply_sigma(const LoraProblem& p, int64_t adapter, float* h, float* g) {
     case SigmaKind::Diagonal:
       for (int64_t k = 0; k < rank; ++k) g[k] = s * element(p.sigma, p.dtype, adapter * rank + k) * h[k];
       break;
-    case SigmaKind::Full:
-      for (int64_t j = 0; j < rank; ++j) {
-        float sum = 0.0f;
-        const int64_t row = (adapter * rank + j) * rank;
-        for (int64_t k = 0; k < true_rank; ++k) sum += element(p.sigma, p.dtype, row + k) * h[k];
-        g[j] = s * sum;
-      }
+    case SigmaKind::Full: {
+      const int64_t element_size = p.dtype == DType::Float32 ? 4 : 2;
+      kernels.sigma_full(static_cast<const char*>(p.sigma) + adapter * rank * rank * element_size, h, rank,
+                         true_rank, g);
+      for (int64_t j = 0; j < rank; ++j) g[j] *= s;
       break;
+    }
   }
   std::fill(g + true_rank, g + rank, 0.0f);
 }
 
-// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out.
-void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float* panel) {
-  const int64_t cols = std::min<int64_t>(kExpandCols, p.d_out - col_begin);
-  for (int64_t j = 0; j < kExpandCols; ++j) {
-    if (j >= cols) {
-      for (int64_t k = 0; k < p.rank; ++k) panel[k * kExpandCols + j] = 0.0f;
-      continue;
+// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out. Templated on the
+// element type so the transpose loop compiles without a per-element dtype branch.
+template <typename Element>
+void pack_panel_as(const Element* lora_b, int64_t d_out, int64_t rank, int64_t cluster, int64_t col_begin,
+                   float* panel) {
+  const int64_t cols = std::min<int64_t>(kExpandCols, d_out - col_begin);
+  std::fill(panel, panel + rank * kExpandCols, 0.0f);
+  for (int64_t j = 0; j < cols; ++j) {
+    const Element* row = lora_b + (cluster * d_out + col_begin + j) * rank;
+    for (int64_t k = 0; k < rank; ++k) {
+      if constexpr (std::is_same_v<Element, float>) {
+        panel[k * kExpandCols + j] = row[k];
+      } else {
+        panel[k * kExpandCols + j] = bf16_to_float(row[k]);
+      }
     }
-    const int64_t row = (cluster * p.d_out + col_begin + j) * p.rank;
-    for (int64_t k = 0; k < p.rank; ++k) panel[k * kExpandCols + j] = element(p.lora_b, p.dtype, row + k);
+  }
+}
+
+void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float* panel) {
+  if (p.dtype == DType::Float32) {
+    pack_panel_as(static_cast<const float*>(p.lora_b), p.d_out, p.rank, cluster, col_begin, panel);
+  } else {
+    pack_panel_as(static_cast<const uint16_t*>(p.lora_b), p.d_out, p.rank, cluster, col_begin, panel);
   }
 }
 
@@ -149,31 +165,40 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
 
   std::vector<float> h(active * rank, 0.0f), g(active * rank, 0.0f);
 
-  // Shrink: rank tile outermost within a group so its rows of lora_a stay in cache while the
-  // token tiles stream past.
+  // Shrink: each item owns a token tile and walks d_in in chunks, passing every rank tile of the
+  // chunk over the same x rows (kept in L1). With few token tiles (decode) the ranks are split
+  // across items too, so every thread has work.
   std::vector<ShrinkItem> shrink_items;
   if (rank > 0 && p.d_in > 0) {
+    int64_t token_tiles = 0;
+    for (const Group& group : groups) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
+    const int64_t rank_span = token_tiles >= 2 * num_threads ? rank : kShrinkRanks;
     for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
-      for (int32_t k = 0; k < rank; k += kShrinkRanks)
-        for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
-          shrink_items.push_back({gi, k, i});
+      for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
+        for (int64_t k = 0; k < rank; k += rank_span)
+          shrink_items.push_back({gi, static_cast<int32_t>(k), static_cast<int32_t>(std::min(rank, k + rank_span)), i});
   }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t w = 0; w < static_cast<int64_t>(shrink_items.size()); ++w) {
     const ShrinkItem item = shrink_items[w];
     const Group& group = groups[item.group];
     const int tokens = static_cast<int>(std::min<int64_t>(kShrinkTokens, group.end - item.token_begin));
-    const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, rank - item.rank_begin));
-    const void* x_rows[kShrinkTokens];
-    for (int i = 0; i < tokens; ++i)
-      x_rows[i] = x_bytes + order[item.token_begin + i] * p.x_row_stride * element_size;
-    const void* a_rows = a_bytes + (group.cluster * rank + item.rank_begin) * p.d_in * element_size;
-    kernels.shrink(x_rows, a_rows, p.d_in, tokens, ranks, h.data() + item.token_begin * rank + item.rank_begin,
-                   rank);
+    for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
+      const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
+      const void* x_rows[kShrinkTokens];
+      for (int i = 0; i < tokens; ++i)
+        x_rows[i] = x_bytes + (order[item.token_begin + i] * p.x_row_stride + chunk) * element_size;
+      for (int64_t k = item.rank_begin; k < item.rank_end; k += kShrinkRanks) {
+        const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, item.rank_end - k));
+        const void* a_rows = a_bytes + ((group.cluster * rank + k) * p.d_in + chunk) * element_size;
+        kernels.shrink(x_rows, a_rows, p.d_in, length, tokens, ranks, h.data() + item.token_begin * rank + k, rank);
+      }
+    }
   }
 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (active * rank * rank > 32768)
-  for (int64_t i = 0; i < active; ++i) apply_sigma(p, p.ids[order[i]], h.data() + i * rank, g.data() + i * rank);
+  for (int64_t i = 0; i < active; ++i)
+    apply_sigma(p, kernels, p.ids[order[i]], h.data() + i * rank, g.data() + i * rank);
 
   // Expand: each item packs one panel of lora_b once and reuses it for every token of its group.
   std::vector<ExpandItem> expand_items;

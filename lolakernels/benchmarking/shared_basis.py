@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import lolakernels
 from lolakernels.reference import shared_basis_lora_torch
 
-from .timing import machine_description, measure_read_bandwidth, median_seconds, write_results
+from .timing import interleaved_seconds, machine_description, measure_read_bandwidth, write_results
 
 
 @dataclass(frozen=True)
@@ -132,17 +132,17 @@ def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bo
     def composition():
         return F.linear(x, a.weight) + shared_basis_lora_torch(x, a.lora_a, a.lora_b, a.sigma, ids, a.basis_of)
 
-    times = {"base": median_seconds(base), "shared": median_seconds(shared),
-             "shared_lora_only": median_seconds(shared_only), "composition": median_seconds(composition)}
+    methods = {"base": base, "shared": shared, "shared_lora_only": shared_only, "composition": composition}
     row = asdict(cfg)
     max_error = {}
-    if cfg.clusters == 1 or not with_peft:
+    # multi_lora and PEFT run on uncompressed adapters, which do not depend on C: measured at C = 1.
+    if cfg.clusters == 1:
         lora_a_flat, lora_b_flat = a.uncompressed()
 
         def multi():
             return lolakernels.multi_lora(x, lora_a_flat, lora_b_flat, ids, out=F.linear(x, a.weight), validate=False)
 
-        times["multi_lora"] = median_seconds(multi)
+        methods["multi_lora"] = multi
         if with_peft:
             layer = a.peft_layer()
             names = [f"a{i}" for i in ids.tolist()]
@@ -152,11 +152,12 @@ def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bo
                 with torch.no_grad():
                     return layer(x3, adapter_names=names)
 
-            times["peft"] = median_seconds(peft_mixed)
+            methods["peft"] = peft_mixed
             reference = peft_mixed().squeeze(1).float()
             scale = reference.abs().max().item()
             max_error["multi_lora_vs_peft"] = (multi().float() - reference).abs().max().item() / scale
             max_error["shared_vs_peft"] = (shared().float() - reference).abs().max().item() / scale
+    times = interleaved_seconds(methods)
     with torch.no_grad():
         for name in times:
             row[f"{name}_ms"] = times[name] * 1e3
@@ -236,7 +237,8 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 
 
 def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = True, stem: str = "shared_basis_cpu",
-        progress: bool = True) -> list[dict]:
+        progress: bool = True) -> tuple[list[dict], str]:
+    """Runs every config; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
     bandwidth = measure_read_bandwidth()
     machine = machine_description()
     rows = []
@@ -257,4 +259,4 @@ def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = Tru
                    "lolakernels": lolakernels.__version__, "rows": rows}
         write_results(out_dir, stem, payload, table)
         plot(rows, out_dir / f"{stem}.png")
-    return rows
+    return rows, table

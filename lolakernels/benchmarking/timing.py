@@ -28,6 +28,16 @@ def median_seconds(fn: Callable[[], object], *, min_runs: int = 5, min_seconds: 
     return statistics.median(samples)
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int = 3, **kwargs) -> dict[str, float]:
+    """Best median of each fn over `rounds` interleaved rounds: on a shared, noisy machine this
+    keeps drift in background load from favouring whichever method ran in a quiet moment."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best.get(name, float("inf")), median_seconds(fn, **kwargs))
+    return best
+
+
 def measure_read_bandwidth(num_bytes: int = 1 << 30) -> float:
     """Bytes/s of a streaming read (sum of a buffer far larger than the caches), on all threads."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
