@@ -14,6 +14,9 @@ constexpr int kExpandCols = 32;    // output columns per expand tile (packed pan
 // d_in chunk of the shrink: a tile of x rows (4 × 1024 fp32 = 16 KiB) stays in L1 while every
 // rank tile of the chunk passes over it, and lora_a's chunk (R × 4 KiB) stays in L2.
 constexpr int64_t kShrinkChunk = 1024;
+// Groups of at most this many tokens (multi-LoRA decode: one adapter per token) expand straight
+// from lora_b's rows: transposing a panel would cost more than the product it serves.
+constexpr int kRowExpandTokens = 2;
 
 struct MicroKernels {
   // h[i * h_stride + k] += Σ_{d < length} x_rows[i][d] · a_rows[k * a_stride + d]
@@ -24,6 +27,10 @@ struct MicroKernels {
   // for i < num_tokens (≤ kExpandTokens), j < num_cols (≤ kExpandCols); panel is fp32.
   void (*expand)(const float* g, int64_t g_stride, const float* panel, int64_t rank,
                  void* const* out_rows, int num_tokens, int num_cols);
+  // out_rows[i][j] += Σ_k g[i * g_stride + k] · b_rows[j * rank + k], one rounding,
+  // for i < num_tokens (≤ kRowExpandTokens), j < num_cols (≤ kExpandCols); b_rows in the op's dtype.
+  void (*expand_rows)(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+                      int num_tokens, int num_cols);
   // g[j] = Σ_{k < true_rank} sigma_rows[j * rank + k] · h[k] for j < rank (one adapter's full Σ).
   void (*sigma_full)(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g);
 };

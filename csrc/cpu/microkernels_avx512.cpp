@@ -173,6 +173,50 @@ void expand_any(const float* g, int64_t g_stride, const float* panel, int64_t ra
   kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
 }
 
+// Adds fp32 sums[0..num_cols) into an output row of the op's dtype (one rounding).
+template <bool Bf16>
+void add_to_row(void* out_row, const float* sums, int num_cols) {
+  for (int half = 0; half * 16 < num_cols; ++half) {
+    const __mmask16 mask = low_mask16(num_cols - 16 * half);
+    const __m512 add = _mm512_maskz_loadu_ps(mask, sums + 16 * half);
+    if constexpr (Bf16) {
+      uint16_t* out = static_cast<uint16_t*>(out_row) + 16 * half;
+      const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(mask, out)), add);
+      _mm256_mask_storeu_epi16(out, mask, narrow_to_bf16(sum));
+    } else {
+      float* out = static_cast<float*>(out_row) + 16 * half;
+      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), add));
+    }
+  }
+}
+
+template <bool Bf16>
+inline __m512 load_row_chunk(const void* rows, int64_t index, __mmask16 mask) {
+  if constexpr (Bf16) {
+    return widen_bf16(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(rows) + index));
+  } else {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(rows) + index);
+  }
+}
+
+// Each lora_b row is loaded once (contiguous in k) and dotted with every token's g.
+template <bool Bf16>
+void expand_rows(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+                 int num_tokens, int num_cols) {
+  float sums[kRowExpandTokens][kExpandCols];
+  for (int j = 0; j < num_cols; ++j) {
+    __m512 acc[kRowExpandTokens] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < rank; k += 16) {
+      const __mmask16 mask = low_mask16(rank - k);
+      const __m512 row = load_row_chunk<Bf16>(b_rows, j * rank + k, mask);
+      for (int i = 0; i < num_tokens; ++i)
+        acc[i] = _mm512_fmadd_ps(row, _mm512_maskz_loadu_ps(mask, g + i * g_stride + k), acc[i]);
+    }
+    for (int i = 0; i < num_tokens; ++i) sums[i][j] = _mm512_reduce_add_ps(acc[i]);
+  }
+  for (int i = 0; i < num_tokens; ++i) add_to_row<Bf16>(out_rows[i], sums[i], num_cols);
+}
+
 // One row of Σ per output j, 16 k's per step; h stays in registers for R <= 64.
 template <bool Bf16>
 void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g) {
@@ -180,12 +224,7 @@ void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t tr
     __m512 acc = _mm512_setzero_ps();
     for (int64_t k = 0; k < true_rank; k += 16) {
       const __mmask16 mask = low_mask16(true_rank - k);
-      __m512 row;
-      if constexpr (Bf16) {
-        row = widen_bf16(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(sigma_rows) + j * rank + k));
-      } else {
-        row = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(sigma_rows) + j * rank + k);
-      }
+      const __m512 row = load_row_chunk<Bf16>(sigma_rows, j * rank + k, mask);
       acc = _mm512_fmadd_ps(row, _mm512_maskz_loadu_ps(mask, h + k), acc);
     }
     g[j] = _mm512_reduce_add_ps(acc);
@@ -195,8 +234,9 @@ void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t tr
 }  // namespace
 
 MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
-  if (!bf16) return {&shrink_f32_any, &expand_any<false>, &sigma_full<false>};
-  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>, &sigma_full<true>};
+  if (!bf16) return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>};
+  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>,
+          &sigma_full<true>};
 }
 
 }  // namespace lola::cpu

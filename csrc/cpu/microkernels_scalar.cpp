@@ -43,6 +43,20 @@ void expand(const float* g, int64_t g_stride, const float* panel, int64_t rank,
 }
 
 template <typename Element>
+void expand_rows(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+                 int num_tokens, int num_cols) {
+  const auto* b = static_cast<const Element*>(b_rows);
+  for (int i = 0; i < num_tokens; ++i) {
+    auto* out = static_cast<Element*>(out_rows[i]);
+    for (int j = 0; j < num_cols; ++j) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < rank; ++k) sum += g[i * g_stride + k] * load_as_float(b, j * rank + k);
+      store_from_float(out, j, load_as_float(out, j) + sum);
+    }
+  }
+}
+
+template <typename Element>
 void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g) {
   const auto* sigma = static_cast<const Element*>(sigma_rows);
   for (int64_t j = 0; j < rank; ++j) {
@@ -55,8 +69,8 @@ void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t tr
 }  // namespace
 
 MicroKernels scalar_kernels(bool bf16) {
-  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>, &sigma_full<uint16_t>};
-  return {&shrink<float>, &expand<float>, &sigma_full<float>};
+  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>, &expand_rows<uint16_t>, &sigma_full<uint16_t>};
+  return {&shrink<float>, &expand<float>, &expand_rows<float>, &sigma_full<float>};
 }
 
 }  // namespace lola::cpu

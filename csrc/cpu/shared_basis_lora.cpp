@@ -211,14 +211,22 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
     for (int64_t w = 0; w < static_cast<int64_t>(expand_items.size()); ++w) {
       const ExpandItem item = expand_items[w];
       const Group& group = groups[item.group];
-      pack_panel(p, group.cluster, item.col_begin, panel.data());
       const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
-      for (int64_t i = group.begin; i < group.end; i += kExpandTokens) {
-        const int tokens = static_cast<int>(std::min<int64_t>(kExpandTokens, group.end - i));
+      const int64_t group_tokens = group.end - group.begin;
+      const int tile = group_tokens <= kRowExpandTokens ? kRowExpandTokens : kExpandTokens;
+      if (group_tokens > kRowExpandTokens) pack_panel(p, group.cluster, item.col_begin, panel.data());
+      for (int64_t i = group.begin; i < group.end; i += tile) {
+        const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
         void* out_rows[kExpandTokens];
         for (int t = 0; t < tokens; ++t)
           out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
-        kernels.expand(g.data() + i * rank, rank, panel.data(), rank, out_rows, tokens, cols);
+        if (group_tokens <= kRowExpandTokens) {
+          const char* b_rows = static_cast<const char*>(p.lora_b) +
+                               (group.cluster * p.d_out + item.col_begin) * rank * element_size;
+          kernels.expand_rows(g.data() + i * rank, rank, b_rows, rank, out_rows, tokens, cols);
+        } else {
+          kernels.expand(g.data() + i * rank, rank, panel.data(), rank, out_rows, tokens, cols);
+        }
       }
     }
   }
