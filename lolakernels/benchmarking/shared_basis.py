@@ -168,9 +168,11 @@ def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bo
         if "peft" in times:
             row["shared_speedup_vs_peft"] = times["peft"] / times["shared"]
             row["multi_lora_speedup_vs_peft"] = times["peft"] / times["multi_lora"]
-            # The LoRA part alone: time each adds on top of the same base GEMM.
-            added_multi = max(times["multi_lora"] - times["base"], 1e-9)
-            row["multi_lora_added_time_speedup_vs_peft"] = (times["peft"] - times["base"]) / added_multi
+            # The LoRA part alone: time each adds on top of the same base GEMM. When noise makes
+            # either added time non-positive, the ratio means nothing and is left out.
+            added_multi, added_peft = times["multi_lora"] - times["base"], times["peft"] - times["base"]
+            row["multi_lora_added_time_speedup_vs_peft"] = (
+                added_peft / added_multi if added_multi > 0 and added_peft > 0 else None)
         lora_bytes = _lora_bytes(cfg, ids, a.basis_of, x.element_size())
         row["lora_bytes"] = lora_bytes
         row["lora_fraction_of_bandwidth"] = lora_bytes / times["shared_lora_only"] / bandwidth
@@ -182,6 +184,10 @@ def _fmt(value, digits=1):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"
+
+
+def _ratio(value):
+    return "–" if value is None else f"{value:.2f}×"
 
 
 def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
@@ -205,8 +211,7 @@ def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
             f"| {_fmt(r['shared_overhead_pct'])} | {_fmt(r['composition_overhead_pct'])} "
             f"| {_fmt(r.get('multi_lora_overhead_pct'))} | {_fmt(r.get('peft_overhead_pct'))} "
             f"| {_fmt(r['shared_speedup_vs_composition'], 2)}× | "
-            f"{_fmt(r.get('multi_lora_speedup_vs_peft'), 2) + '×' if 'multi_lora_speedup_vs_peft' in r else '–'} "
-            f"| {_fmt(r.get('multi_lora_added_time_speedup_vs_peft'), 2) + '×' if 'peft_ms' in r else '–'} "
+            f"{_ratio(r.get('multi_lora_speedup_vs_peft'))} | {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} "
             f"| {_fmt(100 * r['lora_fraction_of_bandwidth'])} |"
         )
     return "\n".join(lines) + "\n"
