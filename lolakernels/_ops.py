@@ -75,7 +75,7 @@ def check_shared_basis_args(
     require_dtype("x", x, FLOAT_DTYPES)
     for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b), ("sigma", sigma), ("out", out)):
         if tensor is not None:
-            require_dtype(name, tensor, (x.dtype,), f" (the dtype of x: all float tensors share one dtype)")
+            require_dtype(name, tensor, (x.dtype,), " (the dtype of x: all float tensors share one dtype)")
     require_dtype("ids", ids, (torch.int32,), " (convert once with .int())")
     require_dtype("basis_of", basis_of, (torch.int32,), " (convert once with .int())")
     require_same_device(dict(x=x, lora_a=lora_a, lora_b=lora_b, sigma=sigma, ids=ids, basis_of=basis_of,

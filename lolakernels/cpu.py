@@ -8,9 +8,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._raw import address, sigma_kind
+
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
-_SIGMA_KIND = {None: 0, 2: 1, 3: 2}  # sigma.dim() -> SigmaKind
 
 
 def _module():
@@ -47,10 +48,6 @@ def _isa_for(forced: str) -> int:
     return names[forced]
 
 
-def _address(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 def shared_basis_lora_(
     out: Tensor,
     out_offset: int,
@@ -70,9 +67,9 @@ def shared_basis_lora_(
         out.data_ptr(), out.stride(0), out_offset,
         x.data_ptr(), x.stride(0),
         lora_a.data_ptr(), lora_b.data_ptr(),
-        _address(sigma), _SIGMA_KIND[None if sigma is None else sigma.dim()],
+        address(sigma), sigma_kind(sigma),
         ids.data_ptr(), basis_of.data_ptr(), float(scale),
-        _address(adapter_scale), _address(ranks),
+        address(adapter_scale), address(ranks),
         x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
         _DTYPE_CODE[x.dtype], isa(), torch.get_num_threads(),
     )

@@ -15,12 +15,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._raw import address, sigma_kind
+
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 # The largest number of tokens the decode kernels are tuned for (larger batches still run).
 DECODE_MAX_TOKENS = 64
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
-_SIGMA_NONE, _SIGMA_DIAGONAL, _SIGMA_FULL = 0, 1, 2
 
 
 def _module():
@@ -47,10 +48,6 @@ def available() -> tuple[bool, str]:
     if module.device_count() == 0:
         return False, "the lolakernels._cuda extension sees no CUDA device (driver missing or too old?)"
     return True, ""
-
-
-def _ptr(tensor: Optional[Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
 
 
 def shared_basis_lora_(
@@ -80,12 +77,6 @@ def shared_basis_lora_(
     num_clusters, rank, _ = lora_a.shape
     d_out = lora_b.shape[1]
     num_adapters = basis_of.shape[0]
-    if sigma is None:
-        sigma_kind = _SIGMA_NONE
-    elif sigma.dim() == 2:
-        sigma_kind = _SIGMA_DIAGONAL
-    else:
-        sigma_kind = _SIGMA_FULL
     with torch.cuda.device(x.device):
         # h (then g) per token, fp32; allocated on the current stream like the launch.
         workspace = torch.empty(num_tokens * rank, dtype=torch.float32, device=x.device)
@@ -94,9 +85,9 @@ def shared_basis_lora_(
             out.data_ptr(), out.stride(0), int(out_offset),
             x.data_ptr(), x.stride(0),
             lora_a.data_ptr(), lora_b.data_ptr(),
-            _ptr(sigma), sigma_kind,
+            address(sigma), sigma_kind(sigma),
             ids.data_ptr(), basis_of.data_ptr(),
-            float(scale), _ptr(adapter_scale), _ptr(ranks),
+            float(scale), address(adapter_scale), address(ranks),
             workspace.data_ptr(),
             num_tokens, d_in, d_out, rank,
             num_adapters, num_clusters,

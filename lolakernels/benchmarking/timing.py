@@ -42,7 +42,7 @@ def measure_read_bandwidth(num_bytes: int = 1 << 30) -> float:
     """Bytes/s of a streaming read (sum of a buffer far larger than the caches), on all threads."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     buffer = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    seconds = median_seconds(lambda: buffer.sum(), min_runs=5, min_seconds=0.5)
+    seconds = median_seconds(buffer.sum, min_runs=5, min_seconds=0.5)
     del buffer
     return num_bytes / seconds
 
