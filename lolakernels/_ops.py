@@ -106,10 +106,8 @@ def check_shared_basis_values(
         require_in_range("ranks", ranks, 0, rank, f"[0, {rank}] (R = {rank})")
 
 
-def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
-                           validate):
-    """Body of lolakernels::shared_basis_lora_: checks, then the selected backend's kernel."""
-    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
+    """Value checks, then the selected backend's kernel (arguments already shape-checked)."""
     if validate:
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
     if x.shape[0] == 0 or lora_b.shape[1] == 0:
@@ -118,6 +116,21 @@ def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
     )
+
+
+def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
+                           validate):
+    """Body of lolakernels::shared_basis_lora_: adds the term into out in place."""
+    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+
+
+def run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
+    """Body of lolakernels::shared_basis_lora: the term [T, d_out] in x's dtype."""
+    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
+    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
+    _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    return out
 
 
 @torch.library.custom_op("lolakernels::shared_basis_lora_", mutates_args=("out",))
@@ -158,9 +171,7 @@ def shared_basis_lora_functional(
     validate: bool,
 ) -> Tensor:
     """The shared-basis LoRA term [T, d_out] in x's dtype (zero rows for id -1)."""
-    out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
-    run_shared_basis_lora_(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
-    return out
+    return run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
 
 
 @shared_basis_lora_functional.register_fake

@@ -54,6 +54,8 @@ struct ExpandItem {
   int64_t col_begin;
 };
 
+int64_t element_size_of(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
 float element(const void* data, DType dtype, int64_t index) {
   return dtype == DType::Float32 ? static_cast<const float*>(data)[index]
                                  : bf16_to_float(static_cast<const uint16_t*>(data)[index]);
@@ -105,8 +107,7 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
       for (int64_t k = 0; k < rank; ++k) g[k] = s * element(p.sigma, p.dtype, adapter * rank + k) * h[k];
       break;
     case SigmaKind::Full: {
-      const int64_t element_size = p.dtype == DType::Float32 ? 4 : 2;
-      kernels.sigma_full(static_cast<const char*>(p.sigma) + adapter * rank * rank * element_size, h, rank,
+      kernels.sigma_full(static_cast<const char*>(p.sigma) + adapter * rank * rank * element_size_of(p.dtype), h, rank,
                          true_rank, g);
       for (int64_t j = 0; j < rank; ++j) g[j] *= s;
       break;
@@ -156,7 +157,7 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   const bool bf16 = p.dtype == DType::BFloat16;
   const MicroKernels kernels =
       isa == Isa::Scalar ? scalar_kernels(bf16) : avx512_kernels(bf16, isa == Isa::Avx512Bf16);
-  const int64_t element_size = bf16 ? 2 : 4;
+  const int64_t element_size = element_size_of(p.dtype);
   const auto* x_bytes = static_cast<const char*>(p.x);
   const auto* a_bytes = static_cast<const char*>(p.lora_a);
   auto* out_bytes = static_cast<char*>(p.out);
@@ -212,15 +213,15 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
       const ExpandItem item = expand_items[w];
       const Group& group = groups[item.group];
       const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
-      const int64_t group_tokens = group.end - group.begin;
-      const int tile = group_tokens <= kRowExpandTokens ? kRowExpandTokens : kExpandTokens;
-      if (group_tokens > kRowExpandTokens) pack_panel(p, group.cluster, item.col_begin, panel.data());
+      const bool from_rows = group.end - group.begin <= kRowExpandTokens;
+      const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
+      if (!from_rows) pack_panel(p, group.cluster, item.col_begin, panel.data());
       for (int64_t i = group.begin; i < group.end; i += tile) {
         const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
         void* out_rows[kExpandTokens];
         for (int t = 0; t < tokens; ++t)
           out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
-        if (group_tokens <= kRowExpandTokens) {
+        if (from_rows) {
           const char* b_rows = static_cast<const char*>(p.lora_b) +
                                (group.cluster * p.d_out + item.col_begin) * rank * element_size;
           kernels.expand_rows(g.data() + i * rank, rank, b_rows, rank, out_rows, tokens, cols);

@@ -74,8 +74,8 @@ def _apply(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
     # Eager inference runs the op's own body without the custom-op dispatcher, which costs
     # ~160 µs a call on the CPU (its dynamo-disable wrapper): more than the kernel at decode sizes.
     if out is None:
-        _ops.check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
-        out = torch.zeros(x.shape[0], d_out, dtype=x.dtype, device=x.device)
+        return _ops.run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
+                                          validate)
     _ops.run_shared_basis_lora_(out, offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
                                 validate)
     return out
