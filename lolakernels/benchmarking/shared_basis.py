@@ -94,6 +94,10 @@ class _Adapters:
             layer = peft_model.base_model.model.proj
             for i in range(1, cfg.adapters):
                 layer.update_layer(f"a{i}", cfg.rank, cfg.rank, config=config)
+                # PeftModel.add_adapter's default (autocast_adapter_dtype=True) keeps fp16/bf16
+                # adapters in fp32, as get_peft_model did for a0; update_layer alone does not.
+                layer.lora_A[f"a{i}"].float()
+                layer.lora_B[f"a{i}"].float()
             lora_a, lora_b = self.uncompressed()
             with torch.no_grad():
                 for i in range(cfg.adapters):
