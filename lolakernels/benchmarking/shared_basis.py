@@ -221,6 +221,26 @@ def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_table(payload: dict) -> str:
+    """The README's condensed table: T ∈ {16, 256} × N ∈ {64, 1024}, plus N = T = 64."""
+    rows = [r for r in payload["rows"]
+            if (r["tokens"] in (16, 256) and r["adapters"] in (64, 1024)) or r["tokens"] == r["adapters"] == 64]
+    rows.sort(key=lambda r: (r["dtype"] != "float32", r["clusters"], r["rank"], r["tokens"], r["adapters"]))
+    pct = lambda v: "–" if v is None else f"{v:+.0f}%"  # noqa: E731
+    lines = [
+        "| dtype | C | R | T | N | base GEMM | shared_basis_lora, LoRA only | + composition | + multi_lora "
+        "| + PEFT mixed batch | multi_lora vs PEFT (added time) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} | {r['base_ms']:.1f} ms "
+            f"| {100 * r['shared_lora_only_ms'] / r['base_ms']:.1f}% | {pct(r['composition_overhead_pct'])} "
+            f"| {pct(r.get('multi_lora_overhead_pct'))} | {pct(r.get('peft_overhead_pct'))} "
+            f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
     """Overhead over the base GEMM vs N (C = 1, R = 16): shared basis vs PEFT mixed batch."""
     try:
