@@ -1,11 +1,22 @@
-"""The `lolakernels` command: info, bench, demo."""
+"""The `lolakernels` command: info, bench, demo, and the commands of each family
+(compress/bank, lorap, ...) registered from `lolakernels.commands`."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 DEFAULT_RESULTS = Path("benchmarks") / "results"
+
+# Each module defines register(commands, bench_suites).
+COMMAND_MODULES = (
+    "lolakernels.commands.compress",
+    "lolakernels.commands.nf4",
+    "lolakernels.commands.awsvd",
+    "lolakernels.commands.merge",
+    "lolakernels.commands.serving",
+)
 
 
 def _info(args) -> int:
@@ -55,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     shared.set_defaults(handler=_bench_shared_basis)
     commands.add_parser("demo", help="a one-minute comparison of shared-basis serving vs PEFT's mixed batch").set_defaults(
         handler=_demo)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.register(commands, suites)
     return parser
 
 

@@ -30,6 +30,28 @@ def use_backend(monkeypatch):
     return force
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in fp32, loaded once per session. Tests must not modify it in place:
+    wrap a ``copy.deepcopy`` of it."""
+    from lolakernels import models
+
+    reason = models.smollm2_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return models.load_smollm2(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from lolakernels import models
+
+    reason = models.smollm2_missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return models.load_smollm2_tokenizer()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,0 +1,5 @@
+"""Adapter initialisations computed with the library's decompositions."""
+from .._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {"lora_ga": ".lora_ga"})
+__all__ = ["lora_ga"]

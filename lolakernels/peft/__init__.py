@@ -1,0 +1,10 @@
+"""Drop-in PEFT integration: faster layers behind PEFT's own modules, bank serving, fast merges."""
+from .._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "accelerate": ".patch",
+    "restore": ".patch",
+    "attach_bank": ".bank_serving",
+    "fast_merge": ".fast_merge",
+})
+__all__ = ["accelerate", "restore", "attach_bank", "fast_merge"]
