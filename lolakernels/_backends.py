@@ -26,6 +26,11 @@ class Case:
     device: torch.device
     dtype: torch.dtype
     num_tokens: int
+    # Which op family asks; the nf4 ops also name the dtypes the kernels must read and write
+    # (dtype is then the compute dtype: bitsandbytes' compute_dtype, or the dequantized output).
+    op: str = "shared_basis_lora"
+    out_dtype: Optional[torch.dtype] = None
+    lora_dtype: Optional[torch.dtype] = None
 
 
 def _triton_interpreting() -> bool:
@@ -58,12 +63,57 @@ def backend_available(name: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
 
 
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _nf4_decline_reason(name: str, case: Case) -> Optional[str]:
+    """None if backend `name` takes this nf4 case (nf4_dequantize or nf4_lora_linear), else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        from .cpu import NF4_DEQUANTIZE_DTYPES, NF4_LINEAR_DTYPES
+
+        if case.device.type != "cpu":
+            return f"tensors are on {case.device}, the cpu backend needs CPU tensors"
+        if case.op == "nf4_dequantize":
+            if case.dtype not in NF4_DEQUANTIZE_DTYPES:
+                return f"dtype {_dtype_name(case.dtype)} not supported (cpu dequantizes to float32, bfloat16, float16)"
+            return None
+        if case.dtype not in NF4_LINEAR_DTYPES or case.out_dtype not in NF4_LINEAR_DTYPES:
+            return (f"compute dtype {_dtype_name(case.dtype)} / input dtype {_dtype_name(case.out_dtype)} not "
+                    "supported (cpu takes float32, bfloat16)")
+        if case.lora_dtype not in (None, torch.float32):
+            return f"adapter dtype {_dtype_name(case.lora_dtype)} not supported (cpu takes PEFT's default float32)"
+        return None
+    if name == "triton":
+        try:
+            from .triton.nf4 import TRITON_NF4_DTYPES
+        except ImportError as error:
+            return f"no Triton nf4 kernels ({error})"
+        if case.device.type != "cuda" and not (case.device.type == "cpu" and _triton_interpreting()):
+            return f"tensors are on {case.device}; triton needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+        for label, dtype in (("dtype", case.dtype), ("input dtype", case.out_dtype), ("adapter dtype", case.lora_dtype)):
+            if dtype is not None and dtype not in TRITON_NF4_DTYPES:
+                return f"{label} {_dtype_name(dtype)} not supported (triton takes float32, float16, bfloat16)"
+        return None
+    if name == "cuda":
+        from .cuda import nf4_decline_reason
+
+        if case.device.type != "cuda":
+            return f"tensors are on {case.device}, the cuda backend needs CUDA tensors"
+        return nf4_decline_reason(case)
+    raise ValueError(f"unknown backend {name!r}")
+
+
 @functools.lru_cache(maxsize=4096)
 def _decline_reason(name: str, case: Case) -> Optional[str]:
     """None if backend `name` takes this case, else why not."""
     ok, reason = backend_available(name)
     if not ok:
         return reason
+    if case.op.startswith("nf4"):
+        return _nf4_decline_reason(name, case)
     dtype_name = str(case.dtype).replace("torch.", "")
     if name == "reference":
         if case.dtype not in REFERENCE_DTYPES:
@@ -130,15 +180,27 @@ def select(case: Case) -> str:
     raise TypeError("no backend can run this call: " + "; ".join(reasons))
 
 
-def implementation(name: str) -> ModuleType:
-    """The module holding backend `name`'s kernels (each defines ``shared_basis_lora_``)."""
-    modules = {
+_IMPLEMENTATIONS = {
+    # shared_basis_lora_ per backend
+    "shared_basis_lora": {
         "reference": "lolakernels.reference.shared_basis_lora",
         "cpu": "lolakernels.cpu",
         "triton": "lolakernels.triton.shared_basis_lora",
         "cuda": "lolakernels.cuda",
-    }
-    return importlib.import_module(modules[name])
+    },
+    # nf4_dequantize, dequantize_rows, nf4_lora_linear per backend
+    "nf4": {
+        "reference": "lolakernels.reference.nf4",
+        "cpu": "lolakernels.cpu",
+        "triton": "lolakernels.triton.nf4",
+        "cuda": "lolakernels.cuda",
+    },
+}
+
+
+def implementation(name: str, family: str = "shared_basis_lora") -> ModuleType:
+    """The module holding backend `name`'s kernels of an op family."""
+    return importlib.import_module(_IMPLEMENTATIONS[family][name])
 
 
 def report() -> dict[str, str]:

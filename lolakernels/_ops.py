@@ -228,3 +228,257 @@ def _backward(ctx, grad_term):
 
 
 shared_basis_lora_functional.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# nf4 family. An nf4 weight crosses the op boundary as its tensors (NF4_WEIGHT_ARGS below); the
+# checks that read a bitsandbytes QuantState live in lolakernels/ops/nf4.py.
+#
+#   lolakernels::nf4_dequantize(<weight>, out_dtype) -> Tensor
+#   lolakernels::nf4_dora_weight_norm(<weight>, lora_a, lora_b, scale) -> Tensor
+#   lolakernels::nf4_lora_linear(x, <weight>, compute_dtype, x_lora?, lora_a?, lora_b?, scale, bias?,
+#                                magnitude?, weight_norm?) -> Tensor
+#   lolakernels::nf4_lora_linear_backward(grad, x, <weight>, ..., needs) -> 6 gradients
+# ---------------------------------------------------------------------------------------------
+
+from .reference import nf4 as _nf4_reference  # noqa: E402
+
+
+def nf4_weight_args(weight: "_nf4_reference.Nf4Weight") -> tuple:
+    """(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+    blocksize, shape, state_dtype): the op arguments that carry one nf4 weight."""
+    return (weight.packed, weight.absmax, weight.absmax_q, weight.absmax_code, weight.absmax_scale,
+            weight.absmax_offset, weight.absmax_blocksize, weight.blocksize, list(weight.shape), weight.dtype)
+
+
+def _nf4_weight(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize, blocksize,
+                shape, state_dtype) -> "_nf4_reference.Nf4Weight":
+    return _nf4_reference.Nf4Weight(packed, tuple(int(s) for s in shape), int(blocksize), state_dtype, absmax,
+                                    absmax_q, absmax_code, absmax_scale, absmax_offset, int(absmax_blocksize))
+
+
+def nf4_backend(weight, op: str, dtype: torch.dtype, num_tokens: int = 0, out_dtype=None, lora_dtype=None):
+    """The module of the backend that runs an nf4 op on this weight."""
+    case = _backends.Case(weight.packed.device, dtype, num_tokens, op=op, out_dtype=out_dtype, lora_dtype=lora_dtype)
+    return _backends.implementation(_backends.select(case), "nf4")
+
+
+def run_nf4_dequantize(weight, out_dtype: torch.dtype) -> Tensor:
+    return nf4_backend(weight, "nf4_dequantize", out_dtype).nf4_dequantize(weight, out_dtype)
+
+
+def run_nf4_dora_weight_norm(weight, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    backend = nf4_backend(weight, "nf4_dequantize", weight.dtype)
+    return _nf4_reference.dora_weight_norm(weight, lora_a, lora_b, scale, backend.dequantize_rows)
+
+
+def run_nf4_lora_linear(x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude, weight_norm):
+    """Body of lolakernels::nf4_lora_linear on 2-D, checked arguments."""
+    if x.shape[0] == 0:
+        return x.new_empty(0, weight.shape[0])
+    backend = nf4_backend(weight, "nf4_lora_linear", compute_dtype, x.shape[0], x.dtype,
+                          None if lora_a is None else lora_a.dtype)
+    return backend.nf4_lora_linear(x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude,
+                                   weight_norm)
+
+
+@torch.library.custom_op("lolakernels::nf4_dequantize", mutates_args=())
+def nf4_dequantize_op(
+    packed: Tensor,
+    absmax: Optional[Tensor],
+    absmax_q: Optional[Tensor],
+    absmax_code: Optional[Tensor],
+    absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor],
+    absmax_blocksize: int,
+    blocksize: int,
+    shape: list[int],
+    state_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """The whole nf4 weight dequantized to out_dtype (see lolakernels.reference.nf4)."""
+    weight = _nf4_weight(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+                         blocksize, shape, state_dtype)
+    return run_nf4_dequantize(weight, out_dtype)
+
+
+@nf4_dequantize_op.register_fake
+def _(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize, blocksize, shape,
+      state_dtype, out_dtype):
+    return packed.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("lolakernels::nf4_dora_weight_norm", mutates_args=())
+def nf4_dora_weight_norm_op(
+    packed: Tensor,
+    absmax: Optional[Tensor],
+    absmax_q: Optional[Tensor],
+    absmax_code: Optional[Tensor],
+    absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor],
+    absmax_blocksize: int,
+    blocksize: int,
+    shape: list[int],
+    state_dtype: torch.dtype,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+) -> Tensor:
+    """PEFT's DoRA weight norm ‖W + scale · lora_b lora_a‖ per output row, from dequantized tiles."""
+    weight = _nf4_weight(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+                         blocksize, shape, state_dtype)
+    return run_nf4_dora_weight_norm(weight, lora_a, lora_b, scale)
+
+
+@nf4_dora_weight_norm_op.register_fake
+def _(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize, blocksize, shape,
+      state_dtype, lora_a, lora_b, scale):
+    return lora_a.new_empty(shape[0])
+
+
+@torch.library.custom_op("lolakernels::nf4_lora_linear", mutates_args=())
+def nf4_lora_linear_op(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Optional[Tensor],
+    absmax_q: Optional[Tensor],
+    absmax_code: Optional[Tensor],
+    absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor],
+    absmax_blocksize: int,
+    blocksize: int,
+    shape: list[int],
+    state_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    x_lora: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    scale: float,
+    bias: Optional[Tensor],
+    magnitude: Optional[Tensor],
+    weight_norm: Optional[Tensor],
+) -> Tensor:
+    """y [M, N] in x's dtype: nf4 linear + LoRA / DoRA (see lolakernels.reference.nf4)."""
+    weight = _nf4_weight(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+                         blocksize, shape, state_dtype)
+    return run_nf4_lora_linear(x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude, weight_norm)
+
+
+@nf4_lora_linear_op.register_fake
+def _(x, packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize, blocksize, shape,
+      state_dtype, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude, weight_norm):
+    return x.new_empty(x.shape[0], shape[0])
+
+
+def nf4_lora_linear_backward(grad, x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude,
+                             weight_norm, needs):
+    """Gradients (x, x_lora, lora_a, lora_b, bias, magnitude) of nf4_lora_linear, None where not
+    needed. The weight term re-dequantizes W tile by tile (never whole): dx = (dy · s) · W_C, the
+    transpose of bitsandbytes' backward; weight_norm is a constant, as in PEFT (DoRA §4.3)."""
+    need_x, need_x_lora, need_a, need_b, need_bias, need_magnitude = needs
+    dequantize_rows = nf4_backend(weight, "nf4_dequantize", weight.dtype).dequantize_rows
+    g = grad.float()
+    s = None if magnitude is None else (magnitude / weight_norm).float()
+    grad_x = grad_x_lora = grad_a = grad_b = grad_bias = grad_magnitude = None
+    base = None
+    if need_x or need_magnitude:
+        g_base = (g if s is None else g * s).to(compute_dtype).float()
+        x_compute = x.to(compute_dtype).float()
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
+        base = torch.empty(g.shape, dtype=torch.float32, device=x.device) if need_magnitude else None
+        for row0, rows in _nf4_reference.row_tiles(weight):
+            # bitsandbytes' backward reads W in the state's dtype; its forward, straight in the compute dtype.
+            tile = dequantize_rows(weight, row0, rows, weight.dtype).to(compute_dtype).float()
+            if need_x:
+                grad_x += g_base[:, row0:row0 + rows] @ tile
+            if need_magnitude:
+                if weight.dtype != compute_dtype:
+                    tile = dequantize_rows(weight, row0, rows, compute_dtype).float()
+                base[:, row0:row0 + rows] = x_compute @ tile.t()
+    if lora_a is not None:
+        x_l = (x.to(lora_a.dtype) if x_lora is None else x_lora).float()
+        a, b = lora_a.float(), lora_b.float()
+        h = x_l @ a.t()
+        g_t = g * scale if s is None else g * s * scale
+        if need_b:
+            grad_b = (g_t.t() @ h).to(lora_b.dtype)
+        g_h = g_t @ b
+        if need_a:
+            grad_a = (g_h.t() @ x_l).to(lora_a.dtype)
+        if need_x or need_x_lora:
+            from_lora = g_h @ a
+            if x_lora is None and need_x:
+                grad_x = from_lora if grad_x is None else grad_x + from_lora
+            elif x_lora is not None and need_x_lora:
+                grad_x_lora = from_lora.to(x_lora.dtype)
+        if need_magnitude:
+            base = base + scale * (h @ b.t())
+    if need_magnitude:
+        grad_magnitude = ((g * base).sum(0) / weight_norm.float()).to(magnitude.dtype)
+    if need_bias:
+        grad_bias = g.sum(0).to(bias.dtype)
+    if grad_x is not None:
+        grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_x_lora, grad_a, grad_b, grad_bias, grad_magnitude
+
+
+@torch.library.custom_op("lolakernels::nf4_lora_linear_backward", mutates_args=())
+def nf4_lora_linear_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    packed: Tensor,
+    absmax: Optional[Tensor],
+    absmax_q: Optional[Tensor],
+    absmax_code: Optional[Tensor],
+    absmax_scale: Optional[Tensor],
+    absmax_offset: Optional[Tensor],
+    absmax_blocksize: int,
+    blocksize: int,
+    shape: list[int],
+    state_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    x_lora: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    scale: float,
+    bias: Optional[Tensor],
+    magnitude: Optional[Tensor],
+    weight_norm: Optional[Tensor],
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_x_lora, grad_lora_a, grad_lora_b, grad_bias, grad_magnitude); an empty tensor
+    stands for a gradient that is not needed."""
+    weight = _nf4_weight(packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize,
+                         blocksize, shape, state_dtype)
+    grads = nf4_lora_linear_backward(grad, x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude,
+                                     weight_norm, needs)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@nf4_lora_linear_backward_op.register_fake
+def _(grad, x, packed, absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, absmax_blocksize, blocksize, shape,
+      state_dtype, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude, weight_norm, needs):
+    like = (x, x_lora, lora_a, lora_b, bias, magnitude)
+    return tuple(torch.empty_like(t) if t is not None and need else x.new_empty(0) for t, need in zip(like, needs))
+
+
+_NF4_DIFFERENTIABLE = {0: 0, 12: 1, 13: 2, 14: 3, 16: 4, 17: 5}  # input index -> gradient slot
+
+
+def _nf4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*(t if isinstance(t, Tensor) else None for t in inputs))
+    ctx.constants = tuple(None if isinstance(t, Tensor) else t for t in inputs)
+
+
+def _nf4_backward(ctx, grad):
+    inputs = [saved if saved is not None else constant for saved, constant in zip(ctx.saved_tensors, ctx.constants)]
+    needs = [bool(ctx.needs_input_grad[i]) for i in _NF4_DIFFERENTIABLE]
+    grads = torch.ops.lolakernels.nf4_lora_linear_backward(grad, *inputs, needs)
+    result = [None] * len(inputs)
+    for index, slot in _NF4_DIFFERENTIABLE.items():
+        if needs[slot]:
+            result[index] = grads[slot]
+    return tuple(result)
+
+
+nf4_lora_linear_op.register_autograd(_nf4_backward, setup_context=_nf4_setup_context)

@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
 from ._raw import address, sigma_kind
 
+if TYPE_CHECKING:
+    from .reference.nf4 import Nf4Weight
+
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+NF4_DEQUANTIZE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NF4_LINEAR_DTYPES = CPU_DTYPES
+_NF4_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _module():
@@ -73,3 +79,65 @@ def shared_basis_lora_(
         x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
         _DTYPE_CODE[x.dtype], isa(), torch.get_num_threads(),
     )
+
+
+def _nf4_weight_args(weight: "Nf4Weight") -> tuple:
+    """The raw-pointer weight arguments of the nf4 entry points (lola::Nf4Storage)."""
+    offset = 0.0 if weight.absmax_offset is None else float(weight.absmax_offset)
+    return (weight.packed.data_ptr(), weight.numel, weight.blocksize, address(weight.absmax),
+            address(weight.absmax_q), address(weight.absmax_code), address(weight.absmax_scale),
+            weight.absmax_blocksize, offset)
+
+
+def dequantize_range(weight: "Nf4Weight", begin: int, count: int, dtype: torch.dtype) -> Tensor:
+    """Flat elements [begin, begin + count) of an nf4 weight in ``dtype`` (bit for bit as bitsandbytes)."""
+    out = torch.empty(count, dtype=dtype)
+    _module().nf4_dequantize(*_nf4_weight_args(weight), begin, count, out.data_ptr(), _NF4_DTYPE_CODE[dtype],
+                             isa(), torch.get_num_threads())
+    return out
+
+
+def nf4_dequantize(weight: "Nf4Weight", dtype: torch.dtype) -> Tensor:
+    return dequantize_range(weight, 0, weight.numel, dtype).reshape(weight.shape)
+
+
+def dequantize_rows(weight: "Nf4Weight", row0: int, rows: int, dtype: torch.dtype) -> Tensor:
+    k = weight.shape[1]
+    return dequantize_range(weight, row0 * k, rows * k, dtype).reshape(rows, k)
+
+
+def nf4_lora_linear(
+    x: Tensor,
+    weight: "Nf4Weight",
+    compute_dtype: torch.dtype,
+    x_lora: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    scale: float,
+    bias: Optional[Tensor],
+    magnitude: Optional[Tensor],
+    weight_norm: Optional[Tensor],
+) -> Tensor:
+    """``lolakernels.reference.nf4.nf4_lora_linear`` on validated 2-D CPU tensors: one pass over
+    the packed weight with the LoRA / DoRA update in its epilogue."""
+    n, k = weight.shape
+    m = x.shape[0]
+    x_compute = x.to(compute_dtype)
+    if x_compute.stride(-1) != 1:
+        x_compute = x_compute.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype)
+    lora_h = dora_scale = None
+    if lora_a is not None:
+        # The shrink is a [M, r] product: one BLAS call; the expand runs in the kernel's epilogue.
+        lora_h = torch.nn.functional.linear(x.to(lora_a.dtype) if x_lora is None else x_lora, lora_a).contiguous()
+        lora_b = lora_b.contiguous()
+        if magnitude is not None:
+            dora_scale = (magnitude / weight_norm).contiguous()
+    bias_compute = None if bias is None else bias.to(compute_dtype).contiguous()
+    _module().nf4_lora_linear(
+        *_nf4_weight_args(weight), n, k, x_compute.data_ptr(), x_compute.stride(0), m, _DTYPE_CODE[compute_dtype],
+        address(bias_compute), address(lora_h), address(lora_b), 0 if lora_a is None else lora_a.shape[0],
+        float(scale), address(dora_scale), out.data_ptr(), out.stride(0), _DTYPE_CODE[x.dtype], isa(),
+        torch.get_num_threads(),
+    )
+    return out

@@ -20,6 +20,8 @@ from ._raw import address, sigma_kind
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 # The largest number of tokens the decode kernels are tuned for (larger batches still run).
 DECODE_MAX_TOKENS = 64
+# Token counts the nf4 decode GEMV serves (more tokens run on triton).
+NF4_DECODE_MAX_TOKENS = 8
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -93,3 +95,17 @@ def shared_basis_lora_(
             num_adapters, num_clusters,
             dtype, stream,
         )
+
+
+def nf4_decline_reason(case) -> Optional[str]:
+    """Why the CUDA extension cannot run this nf4 case (None when it can)."""
+    module = _module()
+    if not hasattr(module, "nf4_gemv"):
+        return "this build of lolakernels._cuda has no nf4 kernels"
+    if case.op != "nf4_lora_linear":
+        return "the cuda backend has nf4 decode (GEMV) kernels only; dequantize runs on triton"
+    if case.num_tokens > NF4_DECODE_MAX_TOKENS:
+        return f"{case.num_tokens} tokens > {NF4_DECODE_MAX_TOKENS}: the cuda nf4 kernel serves decode batches only"
+    if case.dtype not in CUDA_DTYPES or case.out_dtype != case.dtype or case.lora_dtype not in (None, torch.float32):
+        return "the cuda nf4 kernel takes float16 / bfloat16 inputs computed in their own dtype and fp32 adapters"
+    return None

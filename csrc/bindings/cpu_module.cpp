@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "../cpu/nf4.h"
 #include "../cpu/shared_basis_lora.h"
 
 namespace py = pybind11;
@@ -44,6 +45,67 @@ void shared_basis_lora(std::uintptr_t out, int64_t out_row_stride, int64_t out_o
   if (!error.empty()) throw std::invalid_argument(error);
 }
 
+lola::Nf4Storage nf4_storage(std::uintptr_t packed, int64_t numel, int64_t blocksize, std::uintptr_t absmax,
+                             std::uintptr_t absmax_q, std::uintptr_t absmax_code, std::uintptr_t absmax_scale,
+                             int64_t absmax_blocksize, float absmax_offset) {
+  if (blocksize <= 0) throw std::invalid_argument("blocksize must be positive, got " + std::to_string(blocksize));
+  if (absmax == 0 && (absmax_q == 0 || absmax_code == 0 || absmax_scale == 0 || absmax_blocksize <= 0))
+    throw std::invalid_argument("nf4 weight needs absmax, or absmax_q + absmax_code + absmax_scale (double quantization)");
+  return lola::Nf4Storage{as_pointer<const uint8_t>(packed), numel, blocksize, as_pointer<const float>(absmax),
+                          as_pointer<const uint8_t>(absmax_q), as_pointer<const float>(absmax_code),
+                          as_pointer<const float>(absmax_scale), absmax_blocksize, absmax_offset,
+                          lola::power_of_two_shift(absmax_blocksize)};
+}
+
+void check_isa(int isa) {
+  if (!lola::cpu::isa_supported(static_cast<Isa>(isa)))
+    throw std::invalid_argument("isa " + lola::cpu::isa_name(static_cast<Isa>(isa)) + " is not supported by this CPU");
+}
+
+// Weight arguments shared by the nf4 entry points (see lola::Nf4Storage).
+#define LOLA_NF4_WEIGHT_ARGS                                                                              \
+  std::uintptr_t packed, int64_t numel, int64_t blocksize, std::uintptr_t absmax, std::uintptr_t absmax_q, \
+      std::uintptr_t absmax_code, std::uintptr_t absmax_scale, int64_t absmax_blocksize, float absmax_offset
+#define LOLA_NF4_WEIGHT \
+  nf4_storage(packed, numel, blocksize, absmax, absmax_q, absmax_code, absmax_scale, absmax_blocksize, absmax_offset)
+
+void nf4_dequantize(LOLA_NF4_WEIGHT_ARGS, int64_t begin, int64_t count, std::uintptr_t out, int out_type, int isa,
+                    int num_threads) {
+  check_isa(isa);
+  const lola::Nf4Storage weight = LOLA_NF4_WEIGHT;
+  if (begin < 0 || count < 0 || begin + count > numel)
+    throw std::invalid_argument("range [" + std::to_string(begin) + ", " + std::to_string(begin + count) +
+                                ") is outside the weight's " + std::to_string(numel) + " elements");
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = lola::cpu::nf4_dequantize(weight, begin, count, as_pointer<void>(out),
+                                      static_cast<lola::cpu::Nf4Element>(out_type), static_cast<Isa>(isa), num_threads);
+  }
+  if (!error.empty()) throw std::invalid_argument(error);
+}
+
+void nf4_lora_linear(LOLA_NF4_WEIGHT_ARGS, int64_t n, int64_t k, std::uintptr_t x, int64_t x_row_stride, int64_t m,
+                     int compute, std::uintptr_t bias, std::uintptr_t lora_h, std::uintptr_t lora_b, int64_t rank,
+                     float scale, std::uintptr_t dora_scale, std::uintptr_t out, int64_t out_row_stride, int out_type,
+                     int isa, int num_threads) {
+  check_isa(isa);
+  if (n * k != numel)
+    throw std::invalid_argument("weight has " + std::to_string(numel) + " elements, not n * k = " +
+                                std::to_string(n) + " * " + std::to_string(k));
+  const lola::cpu::Nf4LinearProblem problem{
+      LOLA_NF4_WEIGHT, n, k, m, as_pointer<const void>(x), x_row_stride, static_cast<lola::cpu::Nf4Element>(compute),
+      as_pointer<const void>(bias), as_pointer<const float>(lora_h), as_pointer<const float>(lora_b), rank, scale,
+      as_pointer<const float>(dora_scale), as_pointer<void>(out), out_row_stride,
+      static_cast<lola::cpu::Nf4Element>(out_type)};
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = lola::cpu::nf4_lora_linear(problem, static_cast<Isa>(isa), num_threads);
+  }
+  if (!error.empty()) throw std::invalid_argument(error);
+}
+
 py::dict cpu_features() {
   __builtin_cpu_init();
   py::dict features;
@@ -61,6 +123,9 @@ py::dict cpu_features() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lolakernels CPU kernels (raw pointers; see lolakernels/cpu.py)";
   m.def("shared_basis_lora", &shared_basis_lora);
+  m.def("nf4_dequantize", &nf4_dequantize);
+  m.def("nf4_lora_linear", &nf4_lora_linear);
+  m.attr("NF4_GEMV_MAX_TOKENS") = lola::cpu::kNf4GemvMaxTokens;
   m.def("cpu_features", &cpu_features);
   m.def("best_isa", [] { return static_cast<int>(lola::cpu::best_isa()); });
   m.attr("ISA_SCALAR") = static_cast<int>(Isa::Scalar);

@@ -1,0 +1,141 @@
+// Planner for the CPU nf4 ops: splits the work over threads and picks the kernel table.
+// See nf4.h for the contract.
+#include "nf4.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/bf16.h"
+#include "nf4_kernels.h"
+
+namespace lola::cpu {
+namespace {
+
+Nf4Kernels kernels_for(Isa isa) {
+  return isa == Isa::Scalar ? nf4_scalar_kernels() : nf4_avx512_kernels(isa == Isa::Avx512Bf16);
+}
+
+int64_t element_size(Nf4Element type) { return type == Nf4Element::Float32 ? 4 : 2; }
+
+bool is_power_of_two(int64_t value) { return value > 0 && (value & (value - 1)) == 0; }
+
+// Weight rows a work item decodes into one tile: the tile (rows × kp) stays within ~256 KiB of L2.
+int64_t tile_rows_for(int64_t kp, Nf4Element compute) {
+  const int64_t budget = int64_t{256} * 1024 / (kp * element_size(compute));
+  return std::clamp<int64_t>(budget / kNf4TileRows * kNf4TileRows, kNf4TileRows, 64);
+}
+
+float element_as_float(const void* data, int64_t index, Nf4Element type) {
+  return type == Nf4Element::BFloat16 ? bf16_to_float(static_cast<const uint16_t*>(data)[index])
+                                      : static_cast<const float*>(data)[index];
+}
+
+}  // namespace
+
+std::string nf4_dequantize(const Nf4Storage& weight, int64_t begin, int64_t count, void* out, Nf4Element out_type,
+                           Isa isa, int num_threads) {
+  if (count <= 0) return "";
+  const Nf4Kernels kernels = kernels_for(isa);
+  // Chunks start at even elements so that every chunk but the first begins on a byte.
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  char* target = static_cast<char*>(out);
+  const int64_t size = element_size(out_type);
+#pragma omp parallel for schedule(static) num_threads(std::max(1, num_threads)) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t offset = c * kChunk;
+    kernels.dequantize(weight, begin + offset, std::min(kChunk, count - offset), target + offset * size, out_type);
+  }
+  return "";
+}
+
+std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads) {
+  if (p.m == 0 || p.n == 0) return "";
+  if (p.compute != Nf4Element::Float32 && p.compute != Nf4Element::BFloat16)
+    return "compute type must be float32 or bfloat16";
+  if (p.out_type != Nf4Element::Float32 && p.out_type != Nf4Element::BFloat16)
+    return "out type must be float32 or bfloat16";
+  const Nf4Kernels kernels = kernels_for(isa);
+  num_threads = std::max(1, num_threads);
+  const int64_t kp = (p.k + 31) / 32 * 32;
+  const bool aligned = p.k % 32 == 0 && is_power_of_two(p.weight.blocksize) && p.weight.blocksize >= 32;
+  const bool use_gemv = aligned && kernels.gemv != nullptr && p.m <= kNf4GemvMaxTokens;
+  const int64_t x_size = element_size(p.compute);
+
+  // x as the kernels read it: the split fp32 layout for the GEMV; for tiles x itself when its rows
+  // need no padding, else a zero-padded copy.
+  std::vector<float> x_split;
+  std::vector<char> x_padded;
+  const void* x_rows = p.x;
+  int64_t x_stride = p.x_row_stride;
+  if (use_gemv) {
+    x_split.assign(p.m * kp, 0.0f);
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t c = 0; c < p.k; ++c) {
+        const int64_t group = c / 32, lane = c % 32;
+        x_split[i * kp + group * 32 + (lane & 1) * 16 + lane / 2] =
+            element_as_float(p.x, i * p.x_row_stride + c, p.compute);
+      }
+    x_rows = x_split.data();
+    x_stride = kp;
+  } else if (kp != p.k) {
+    x_padded.assign(p.m * kp * x_size, 0);
+    for (int64_t i = 0; i < p.m; ++i)
+      std::memcpy(x_padded.data() + i * kp * x_size, static_cast<const char*>(p.x) + i * p.x_row_stride * x_size,
+                  p.k * x_size);
+    x_rows = x_padded.data();
+    x_stride = kp;
+  }
+
+  const int64_t rows_per_item = use_gemv ? 16 : tile_rows_for(kp, p.compute);
+  const int64_t items = (p.n + rows_per_item - 1) / rows_per_item;
+  const int64_t out_size = element_size(p.out_type);
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<char> tile(use_gemv ? 0 : rows_per_item * kp * x_size);
+    std::vector<float> acc(p.m * rows_per_item);
+    std::vector<float> lora_bt(p.lora_h ? p.rank * rows_per_item : 0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t n0 = item * rows_per_item;
+      const int64_t rows = std::min(rows_per_item, p.n - n0);
+      if (use_gemv) {
+        for (int64_t r = 0; r < rows; r += kNf4TileRows)
+          for (int64_t i = 0; i < p.m; i += kNf4TileTokens)
+            kernels.gemv(p.weight, p.k, n0 + r, static_cast<int>(std::min<int64_t>(kNf4TileRows, rows - r)),
+                         static_cast<const float*>(x_rows) + i * x_stride, x_stride,
+                         static_cast<int>(std::min<int64_t>(kNf4TileTokens, p.m - i)), acc.data() + i * rows + r,
+                         rows, p.compute == Nf4Element::BFloat16);
+      } else {
+        if (aligned) {
+          kernels.decode_rows(p.weight, p.k, n0, rows, tile.data(), kp, p.compute);
+        } else {
+          nf4_decode_rows_generic(p.weight, p.k, n0, rows, tile.data(), kp, p.compute);
+        }
+        for (int64_t r = 0; r < rows; r += kNf4TileRows)
+          for (int64_t i = 0; i < p.m; i += kNf4TileTokens)
+            kernels.dot(static_cast<const char*>(x_rows) + i * x_stride * x_size, x_stride,
+                        tile.data() + r * kp * x_size, kp, kp,
+                        static_cast<int>(std::min<int64_t>(kNf4TileTokens, p.m - i)),
+                        static_cast<int>(std::min<int64_t>(kNf4TileRows, rows - r)), acc.data() + i * rows + r, rows,
+                        p.compute);
+      }
+      if (p.lora_h) {
+        for (int64_t r = 0; r < p.rank; ++r)
+          for (int64_t j = 0; j < rows; ++j) lora_bt[r * rows + j] = p.lora_b[(n0 + j) * p.rank + r];
+      }
+      for (int64_t i = 0; i < p.m; ++i) {
+        const Nf4Epilogue e{p.compute, p.out_type, p.bias, p.lora_h ? p.lora_h + i * p.rank : nullptr, p.rank,
+                            p.scale, p.dora_scale};
+        kernels.epilogue(e, acc.data() + i * rows, n0, rows, lora_bt.data(),
+                         static_cast<char*>(p.out) + (i * p.out_row_stride + n0) * out_size);
+      }
+    }
+  }
+  return "";
+}
+
+}  // namespace lola::cpu

@@ -1,0 +1,123 @@
+"""The nf4 ops are torch custom ops: opcheck (schema, fake tensor, autograd registration),
+torch.compile(fullgraph=True) without graph breaks, and gradients against fp64 autograd of the
+reference formula."""
+import pytest
+import torch
+
+import lolakernels
+from conftest import CPU_BACKENDS
+from lolakernels import _ops
+from lolakernels.ops.nf4 import read_nf4
+from lolakernels.reference import nf4 as reference
+from nf4_cases import quantize
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _case(n=24, k=64, m=5, seed=0, nested=True):
+    generator = torch.Generator().manual_seed(seed)
+    packed, state = quantize(torch.randn(n, k, generator=generator).to(torch.bfloat16), 32, nested)
+    x = torch.randn(m, k, generator=generator)
+    lora_a = torch.randn(4, k, generator=generator) / 8
+    lora_b = torch.randn(n, 4, generator=generator) / 2
+    bias = torch.randn(n, generator=generator)
+    magnitude = torch.rand(n, generator=generator) * 8 + 1
+    return read_nf4(packed, state), (packed, state), x, lora_a, lora_b, bias, magnitude
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS[:2], ids=["reference", "cpu"])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_opcheck_linear(use_backend, backend, isa, dora):
+    use_backend(backend, isa)
+    nf4, _, x, lora_a, lora_b, bias, magnitude = _case()
+    norm = reference.dora_weight_norm(nf4, lora_a, lora_b, 0.5) if dora else None
+    args = (x.requires_grad_(True), *_ops.nf4_weight_args(nf4), torch.float32, None, lora_a.requires_grad_(True),
+            lora_b.requires_grad_(True), 0.5, bias, magnitude.requires_grad_(True) if dora else None, norm)
+    torch.library.opcheck(torch.ops.lolakernels.nf4_lora_linear.default, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS[:2], ids=["reference", "cpu"])
+def test_opcheck_dequantize_and_weight_norm(use_backend, backend, isa):
+    use_backend(backend, isa)
+    nf4, _, _, lora_a, lora_b, _, _ = _case(nested=False)
+    torch.library.opcheck(torch.ops.lolakernels.nf4_dequantize.default, (*_ops.nf4_weight_args(nf4), torch.float16),
+                          test_utils=OPCHECK_TESTS[:3])
+    torch.library.opcheck(torch.ops.lolakernels.nf4_dora_weight_norm.default,
+                          (*_ops.nf4_weight_args(nf4), lora_a, lora_b, 0.5), test_utils=OPCHECK_TESTS[:3])
+
+
+class QLoraDoraLayer(torch.nn.Module):
+    def __init__(self, weight, state, lora_a, lora_b, bias, magnitude):
+        super().__init__()
+        self.weight, self.state = weight, state
+        self.lora_a, self.lora_b = torch.nn.Parameter(lora_a), torch.nn.Parameter(lora_b)
+        self.bias, self.magnitude = bias, torch.nn.Parameter(magnitude)
+
+    def forward(self, x):
+        return torch.relu(lolakernels.nf4_lora_linear(x, self.weight, self.state, self.lora_a, self.lora_b, 0.5,
+                                                      bias=self.bias, magnitude=self.magnitude))
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS[:2], ids=["reference", "cpu"])
+def test_compiles_fullgraph_without_graph_break(use_backend, backend, isa):
+    use_backend(backend, isa)
+    torch._dynamo.reset()
+    _, (packed, state), x, lora_a, lora_b, bias, magnitude = _case(seed=2)
+    module = QLoraDoraLayer(packed, state, lora_a, lora_b, bias, magnitude)
+    eager = module(x)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager)
+    compiled(x).sum().backward()  # the backward op traces too
+    explanation = torch._dynamo.explain(module)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def _fp64_formula(x, w, w_state, lora_a, lora_b, bias, magnitude, scale):
+    """fp64 y = x Wᵀ + b + (s − 1)(x Wᵀ) + s·scale·(x Aᵀ)Bᵀ with the norm detached (PEFT's DoRA),
+    the norm taken on W rounded to the state's dtype as PEFT's dequantize_4bit returns it."""
+    norm = torch.linalg.norm(w_state + scale * lora_b.detach() @ lora_a.detach(), dim=1).detach()
+    s = magnitude / norm
+    # bitsandbytes' backward multiplies by W in the state's dtype (forward: W straight in fp32).
+    base = x @ w_state.t() + (x @ (w - w_state).t()).detach()
+    return base + bias + (s - 1) * base + s * scale * ((x @ lora_a.t()) @ lora_b.t())
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS[:2], ids=["reference", "cpu"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_gradients_match_fp64_autograd(use_backend, backend, isa, nested):
+    use_backend(backend, isa)
+    nf4, (packed, state), x, lora_a, lora_b, bias, magnitude = _case(n=40, k=96, m=7, seed=5, nested=nested)
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b, bias, magnitude)]
+    y = lolakernels.nf4_lora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.5, bias=leaves[3],
+                                    magnitude=leaves[4])
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * upstream).sum().backward()
+    w64 = reference.nf4_dequantize(nf4, torch.float64)
+    w_state64 = reference.nf4_dequantize(nf4, nf4.dtype).double()
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, lora_a, lora_b, bias, magnitude)]
+    y64 = _fp64_formula(leaves64[0], w64, w_state64, *leaves64[1:3], leaves64[3], leaves64[4], 0.5)
+    (y64 * upstream.double()).sum().backward()
+    torch.testing.assert_close(y.detach().double(), y64.detach(), rtol=1e-4, atol=1e-4)
+    for name, leaf, leaf64 in zip(("x", "lora_a", "lora_b", "bias", "magnitude"), leaves, leaves64):
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, rtol=1e-4, atol=1e-4, msg=f"grad of {name}")
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    _, (packed, state), x, lora_a, lora_b, _, _ = _case(seed=7)
+    torch.manual_seed(0)
+    dropped = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, dropout_p=0.5)
+    torch.manual_seed(0)
+    mask_source = torch.nn.functional.dropout(x, 0.5, training=True)
+    base = lolakernels.nf4_lora_linear(x, packed, state, None, None, 0.0)
+    expected = base + 0.5 * (mask_source @ lora_a.t()) @ lora_b.t()
+    torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_forward_and_backward():
+    _, (packed, state), _, lora_a, lora_b, bias, magnitude = _case()
+    x = torch.empty(0, 64, requires_grad=True)
+    a = lora_a.clone().requires_grad_(True)
+    y = lolakernels.nf4_lora_linear(x, packed, state, a, lora_b, 0.5, bias=bias, magnitude=magnitude)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(a.grad, torch.zeros_like(a))
