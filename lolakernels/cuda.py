@@ -10,18 +10,22 @@ Semantics are those of :func:`lolakernels.reference.shared_basis_lora_`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._raw import address, sigma_kind
 
+if TYPE_CHECKING:
+    from .reference.nf4 import Nf4Weight
+
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 # The largest number of tokens the decode kernels are tuned for (larger batches still run).
 DECODE_MAX_TOKENS = 64
-# Token counts the nf4 decode GEMV serves (more tokens run on triton).
-NF4_DECODE_MAX_TOKENS = 8
+# Token counts the nf4 decode GEMV serves (more tokens run on triton); kNf4GemvMaxTokens in csrc/cuda/nf4.cuh.
+NF4_DECODE_MAX_TOKENS = 16
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -109,3 +113,52 @@ def nf4_decline_reason(case) -> Optional[str]:
     if case.dtype not in CUDA_DTYPES or case.out_dtype != case.dtype or case.lora_dtype not in (None, torch.float32):
         return "the cuda nf4 kernel takes float16 / bfloat16 inputs computed in their own dtype and fp32 adapters"
     return None
+
+
+def nf4_lora_linear(
+    x: Tensor,
+    weight: "Nf4Weight",
+    compute_dtype: torch.dtype,
+    x_lora: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    scale: float,
+    bias: Optional[Tensor],
+    magnitude: Optional[Tensor],
+    weight_norm: Optional[Tensor],
+) -> Tensor:
+    """``lolakernels.reference.nf4.nf4_lora_linear`` for a decode batch on validated 2-D CUDA
+    tensors (x [M, K], M <= NF4_DECODE_MAX_TOKENS, x in the compute dtype float16 / bfloat16,
+    adapters fp32: the cases :func:`nf4_decline_reason` accepts). One GEMV over the packed weight
+    (csrc/cuda/nf4.cu) with the LoRA / DoRA expand in its epilogue; the shrink h = x_L · lora_aᵀ
+    [M, r] is one small product computed here, once."""
+    module = _module()
+    n, k = weight.shape
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    x_compute = x.to(compute_dtype)
+    if x_compute.stride(-1) != 1:
+        x_compute = x_compute.contiguous()
+    bias_compute = None if bias is None else bias.to(compute_dtype).contiguous()
+    lora_h = lora_b_c = dora_scale = None
+    rank = 0
+    if lora_a is not None:
+        rank = lora_a.shape[0]
+        lora_h = F.linear(x.to(lora_a.dtype) if x_lora is None else x_lora, lora_a).float().contiguous()
+        lora_b_c = lora_b.float().contiguous()
+        if magnitude is not None:
+            dora_scale = (magnitude / weight_norm).float().contiguous()
+    offset = 0.0 if weight.absmax_offset is None else float(weight.absmax_offset)
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        module.nf4_gemv(
+            out.data_ptr(), out.stride(0), x_compute.data_ptr(), x_compute.stride(0),
+            weight.packed.data_ptr(), weight.numel, weight.blocksize,
+            address(weight.absmax), address(weight.absmax_q), address(weight.absmax_code),
+            address(weight.absmax_scale), weight.absmax_blocksize, offset, n, k,
+            address(bias_compute), address(lora_h), address(lora_b_c), rank, float(scale), address(dora_scale),
+            m, _DTYPE_CODES[compute_dtype], stream,
+        )
+    return out

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../cuda/nf4.cuh"
 #include "../cuda/shared_basis_lora.cuh"
 
 namespace py = pybind11;
@@ -112,6 +113,45 @@ void shared_basis_lora_decode(
   check(err, "shared_basis_lora_decode");
 }
 
+void nf4_gemv(
+    std::uintptr_t out_ptr, int64_t out_row_stride,
+    std::uintptr_t x_ptr, int64_t x_row_stride,
+    std::uintptr_t packed_ptr, int64_t numel, int64_t blocksize,
+    std::uintptr_t absmax_ptr, std::uintptr_t absmax_q_ptr, std::uintptr_t absmax_code_ptr,
+    std::uintptr_t absmax_scale_ptr, int64_t absmax_blocksize, float absmax_offset,
+    int64_t n, int64_t k,
+    std::uintptr_t bias_ptr, std::uintptr_t lora_h_ptr, std::uintptr_t lora_b_ptr, int64_t rank, float scale,
+    std::uintptr_t dora_scale_ptr, int64_t num_tokens, int dtype, std::uintptr_t stream) {
+  if (dtype < 0 || dtype > 1) {
+    throw std::invalid_argument("nf4_gemv: dtype must be 0 (float16) or 1 (bfloat16)");
+  }
+  if (num_tokens < 1 || num_tokens > lola::cuda::kNf4GemvMaxTokens) {
+    throw std::invalid_argument("nf4_gemv: num_tokens must be in [1, " +
+                                std::to_string(lola::cuda::kNf4GemvMaxTokens) + "]");
+  }
+  if (lola::power_of_two_shift(blocksize) < 1) {
+    throw std::invalid_argument("nf4_gemv: blocksize must be a power of two >= 2, got " + std::to_string(blocksize));
+  }
+  if (absmax_ptr == 0 && lola::power_of_two_shift(absmax_blocksize) < 0) {
+    throw std::invalid_argument("nf4_gemv: a double-quantized absmax needs a power-of-two absmax_blocksize, got " +
+                                std::to_string(absmax_blocksize));
+  }
+  const lola::Nf4Storage weight{as_ptr<const uint8_t>(packed_ptr), numel, blocksize, as_ptr<const float>(absmax_ptr),
+                                as_ptr<const uint8_t>(absmax_q_ptr), as_ptr<const float>(absmax_code_ptr),
+                                as_ptr<const float>(absmax_scale_ptr), absmax_blocksize, absmax_offset,
+                                lola::power_of_two_shift(absmax_blocksize)};
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = lola::cuda::nf4_gemv(
+        as_ptr<void>(out_ptr), out_row_stride, as_ptr<const void>(x_ptr), x_row_stride, weight, n, k,
+        as_ptr<const void>(bias_ptr), as_ptr<const float>(lora_h_ptr), as_ptr<const float>(lora_b_ptr), rank, scale,
+        as_ptr<const float>(dora_scale_ptr), num_tokens, static_cast<lola::cuda::DType>(dtype),
+        reinterpret_cast<cudaStream_t>(stream));
+  }
+  check(err, "nf4_gemv");
+}
+
 // Number of CUDA devices visible to the runtime; 0 when there is no driver or device.
 int device_count() {
   int count = 0;
@@ -145,6 +185,20 @@ PYBIND11_MODULE(_cuda, m) {
         "1 diagonal [N, R], 2 full [N, R, R]; dtype: 0 float16, 1 bfloat16; workspace: at least "
         "num_tokens * rank fp32; stream: cudaStream_t as an integer. Enqueues on the stream on the "
         "current device; raises RuntimeError with the CUDA error string on failure.");
+
+  m.def("nf4_gemv", &nf4_gemv,
+        py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("x_ptr"), py::arg("x_row_stride"),
+        py::arg("packed_ptr"), py::arg("numel"), py::arg("blocksize"),
+        py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("absmax_code_ptr"), py::arg("absmax_scale_ptr"),
+        py::arg("absmax_blocksize"), py::arg("absmax_offset"), py::arg("n"), py::arg("k"),
+        py::arg("bias_ptr"), py::arg("lora_h_ptr"), py::arg("lora_b_ptr"), py::arg("rank"), py::arg("scale"),
+        py::arg("dora_scale_ptr"), py::arg("num_tokens"), py::arg("dtype"), py::arg("stream"),
+        "out[m, :] = nf4 linear of x[m, :] (+ bias, + LoRA expand of h = x . lora_a^T, DoRA when dora_scale) for "
+        "m < num_tokens <= nf4_gemv_max_tokens (see csrc/cuda/nf4.cuh). Weight: bitsandbytes' packed nf4 bytes "
+        "with fp32 absmax, or (absmax 0) uint8 absmax_q + absmax_code [256] + absmax_scale + offset. Pointers are "
+        "device addresses (0 when absent); h, lora_b and dora_scale are fp32; dtype: 0 float16, 1 bfloat16 (x, "
+        "bias, out); stream: cudaStream_t as an integer. Raises RuntimeError with the CUDA error on failure.");
+  m.attr("nf4_gemv_max_tokens") = py::int_(lola::cuda::kNf4GemvMaxTokens);
 
   m.attr("decode_max_tokens") = py::int_(lola::cuda::kDecodeMaxTokens);
   m.attr("max_rank") = py::int_(lola::cuda::kMaxRank);
