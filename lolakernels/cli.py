@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--stem", help="file name stem of the results")
     shared.add_argument("--no-save", action="store_true", help="print only")
     shared.set_defaults(handler=_bench_shared_basis)
-    commands.add_parser("demo", help="a one-minute comparison of shared-basis serving vs PEFT's mixed batch").set_defaults(
+    commands.add_parser("demo", help="SmolLM2 end to end: a few adapters, compressed into a bank, one mixed batch served vs PEFT").set_defaults(
         handler=_demo)
     for name in COMMAND_MODULES:
         try:

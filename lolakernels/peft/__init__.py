@@ -5,6 +5,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "accelerate": ".patch",
     "restore": ".patch",
     "attach_bank": ".bank_serving",
+    "detach_bank": ".bank_serving",
     "fast_merge": ".fast_merge",
 })
-__all__ = ["accelerate", "restore", "attach_bank", "fast_merge"]
+__all__ = ["accelerate", "restore", "attach_bank", "detach_bank", "fast_merge"]
