@@ -62,16 +62,26 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
   num_threads = std::max(1, num_threads);
   const int64_t kp = (p.k + 31) / 32 * 32;
   const bool aligned = p.k % 32 == 0 && is_power_of_two(p.weight.blocksize) && p.weight.blocksize >= 32;
-  const bool use_gemv = aligned && kernels.gemv != nullptr && p.m <= kNf4GemvMaxTokens;
+  const bool use_gemv_bf16 = aligned && p.k % 128 == 0 && kernels.gemv_bf16 != nullptr &&
+                             p.compute == Nf4Element::BFloat16 && p.m <= kNf4GemvBf16MaxTokens;
+  const bool use_gemv = use_gemv_bf16 || (aligned && kernels.gemv != nullptr && p.m <= kNf4GemvMaxTokens);
   const int64_t x_size = element_size(p.compute);
 
-  // x as the kernels read it: the split fp32 layout for the GEMV; for tiles x itself when its rows
-  // need no padding, else a zero-padded copy.
+  // x as the kernels read it: bf16 permuted to the lookup order for the bf16 GEMV, the split fp32
+  // layout for the other GEMV; for tiles x itself when its rows need no padding, else a zero-padded copy.
   std::vector<float> x_split;
+  std::vector<uint16_t> x_permuted;
   std::vector<char> x_padded;
   const void* x_rows = p.x;
   int64_t x_stride = p.x_row_stride;
-  if (use_gemv) {
+  if (use_gemv_bf16) {
+    x_permuted.resize(p.m * p.k);
+    const uint16_t* x = static_cast<const uint16_t*>(p.x);
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t c = 0; c < p.k; ++c) x_permuted[i * p.k + nf4_gemv_bf16_position(c)] = x[i * p.x_row_stride + c];
+    x_rows = x_permuted.data();
+    x_stride = p.k;
+  } else if (use_gemv) {
     x_split.assign(p.m * kp, 0.0f);
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t c = 0; c < p.k; ++c) {
@@ -102,7 +112,14 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t n0 = item * rows_per_item;
       const int64_t rows = std::min(rows_per_item, p.n - n0);
-      if (use_gemv) {
+      if (use_gemv_bf16) {
+        for (int64_t r = 0; r < rows; r += kNf4TileRows)
+          for (int64_t i = 0; i < p.m; i += kNf4GemvBf16Tokens)
+            kernels.gemv_bf16(p.weight, p.k, n0 + r, static_cast<int>(std::min<int64_t>(kNf4TileRows, rows - r)),
+                              static_cast<const uint16_t*>(x_rows) + i * x_stride, x_stride,
+                              static_cast<int>(std::min<int64_t>(kNf4GemvBf16Tokens, p.m - i)),
+                              acc.data() + i * rows + r, rows);
+      } else if (use_gemv) {
         for (int64_t r = 0; r < rows; r += kNf4TileRows)
           for (int64_t i = 0; i < p.m; i += kNf4TileTokens)
             kernels.gemv(p.weight, p.k, n0 + r, static_cast<int>(std::min<int64_t>(kNf4TileRows, rows - r)),
@@ -115,8 +132,10 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
         } else {
           nf4_decode_rows_generic(p.weight, p.k, n0, rows, tile.data(), kp, p.compute);
         }
-        for (int64_t r = 0; r < rows; r += kNf4TileRows)
-          for (int64_t i = 0; i < p.m; i += kNf4TileTokens)
+        // Tokens outer: a few tokens' x stays in L1 while the tile streams from L2 (with rows outer,
+        // every row group would stream all of x, more than L2 for many tokens).
+        for (int64_t i = 0; i < p.m; i += kNf4TileTokens)
+          for (int64_t r = 0; r < rows; r += kNf4TileRows)
             kernels.dot(static_cast<const char*>(x_rows) + i * x_stride * x_size, x_stride,
                         tile.data() + r * kp * x_size, kp, kp,
                         static_cast<int>(std::min<int64_t>(kNf4TileTokens, p.m - i)),

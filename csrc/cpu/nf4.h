@@ -47,5 +47,7 @@ std::string nf4_lora_linear(const Nf4LinearProblem& problem, Isa isa, int num_th
 
 // Largest token count served by the GEMV path (more tokens use dequantized tiles).
 constexpr int64_t kNf4GemvMaxTokens = 4;
+// The same for bf16 compute where VDPBF16PS decodes straight from the packed bytes.
+constexpr int64_t kNf4GemvBf16MaxTokens = 8;
 
 }  // namespace lola::cpu

@@ -16,6 +16,16 @@ namespace lola::cpu {
 constexpr int kNf4TileTokens = 4;  // tokens per dot / GEMV call
 constexpr int kNf4TileRows = 4;    // weight rows per dot / GEMV call
 
+constexpr int kNf4GemvBf16Tokens = 8;  // tokens per bf16 GEMV call
+
+// Where the bf16 GEMV reads x[c]: within each 128 values, 4 vectors of 32, vector j holding
+// c = 4u + (j ^ 1) at word u, the order in which the kernel's table lookups produce the weights
+// (the 16-bit words of the packed bytes hold the nibbles of k = 4u + 1, 4u, 4u + 3, 4u + 2).
+inline int64_t nf4_gemv_bf16_position(int64_t c) {
+  const int64_t within = c % 128;
+  return c - within + ((within % 4) ^ 1) * 32 + within / 4;
+}
+
 struct Nf4Epilogue {
   Nf4Element compute;
   Nf4Element out_type;
@@ -40,6 +50,10 @@ struct Nf4Kernels {
   // the split fp32 layout, weights rounded to bf16 first when round_bf16; nullptr if the ISA has none.
   void (*gemv)(const Nf4Storage& w, int64_t k, int64_t row0, int rows, const float* x, int64_t x_stride, int tokens,
                float* acc, int64_t acc_stride, bool round_bf16);
+  // The same product for bf16 compute with VDPBF16PS (k % 128 == 0, blocksize a power of 2 ≥ 32),
+  // x in bf16 permuted by nf4_gemv_bf16_position, tokens ≤ kNf4GemvBf16Tokens; nullptr if the ISA has none.
+  void (*gemv_bf16)(const Nf4Storage& w, int64_t k, int64_t row0, int rows, const uint16_t* x, int64_t x_stride,
+                    int tokens, float* acc, int64_t acc_stride);
   // out[j] for j < count: columns n0 + j of one token from its fp32 sums acc[j]; bt is lora_b's
   // panel transposed, bt[r * count + j] = lora_b[n0 + j, r].
   void (*epilogue)(const Nf4Epilogue& e, const float* acc, int64_t n0, int64_t count, const float* bt, void* out);

@@ -262,6 +262,113 @@ void gemv_rows(const Nf4Storage& w, int64_t k, int64_t row0, const float* x, int
     for (int i = 0; i < Tokens; ++i) acc[i * acc_stride + r] = _mm512_reduce_add_ps(sums[r][i]);
 }
 
+// bf16 GEMV with VDPBF16PS, 128 weights (64 packed bytes) per row and step. The table of a block
+// is its 16 bf16 weights, code · absmax rounded once: exactly the dequantized values. The 16-bit
+// words of the packed bytes hold 4 nibbles each; shifting the words and masking each nibble gives
+// word indices into the tables of the step's blocks (VPERMW over 32 words: two blocks; VPERMT2W
+// over 64: four), and the lookups are already bf16 weights in dword pairs. x is permuted once to
+// the same order (nf4_gemv_bf16_position).
+// 32 bf16 words: the 16 weights of the block of absmax0, then those of absmax1. VCVTNE2PS2BF16
+// flushes denormal results to zero where round_bf16 keeps them, but VDPBF16PS treats denormal
+// inputs as zero all the same (as the tile dot does), so the product is unchanged.
+__attribute__((target("avx512bf16"))) inline __m512i bf16_tables(float absmax0, float absmax1) {
+  const __m512 first = _mm512_mul_ps(code_vector(), _mm512_set1_ps(absmax0));
+  const __m512 second = _mm512_mul_ps(code_vector(), _mm512_set1_ps(absmax1));
+  return (__m512i)_mm512_cvtne2ps_pbh(second, first);
+}
+
+template <int Blocks, int Tokens, int Rows>
+__attribute__((target("avx512bf16"))) void gemv_bf16_rows(const Nf4Storage& w, int64_t k, int64_t row0,
+                                                          const uint16_t* x, int64_t x_stride, float* acc,
+                                                          int64_t acc_stride) {
+  // Two accumulator sets when there are few, so that the VDPBF16PS latency chains overlap.
+  constexpr int kSets = Rows * Tokens <= 4 ? 2 : 1;
+  const int shift = log2_of(w.blocksize);
+  // Word u of the 64 bytes lies in block u / 8 of the step (32 weights a block) or u / 16 (64 or more).
+  const __m512i block_bits = Blocks == 4 ? _mm512_slli_epi16(_mm512_srli_epi16(_mm512_set_epi16(
+                                               31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15,
+                                               14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3), 4)
+                                         : _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);
+  const __m512i nibble = _mm512_set1_epi16(15);
+  __m512 sums[kSets][Rows][Tokens];
+  const uint8_t* rows[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    for (int s = 0; s < kSets; ++s)
+      for (int i = 0; i < Tokens; ++i) sums[s][r][i] = _mm512_setzero_ps();
+    rows[r] = w.packed + (row0 + r) * k / 2;
+  }
+  for (int64_t c = 0; c < k; c += 128) {
+#pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r) {
+      const int64_t block = ((row0 + r) * k + c) >> shift;
+      __m512i low_tables, high_tables;
+      if (Blocks == 4) {
+        low_tables = bf16_tables(nf4_absmax(w, block), nf4_absmax(w, block + 1));
+        high_tables = bf16_tables(nf4_absmax(w, block + 2), nf4_absmax(w, block + 3));
+      } else {
+        const float absmax0 = nf4_absmax(w, block);
+        low_tables = bf16_tables(absmax0, Blocks == 2 ? nf4_absmax(w, block + 1) : absmax0);
+        high_tables = low_tables;
+      }
+      const __m512i words = _mm512_loadu_si512(rows[r] + c / 2);
+      // Word u holds, from bit 0, the nibbles of k = 4u + 1, 4u, 4u + 3, 4u + 2 (even k high).
+      // 0xEA: (a & b) | c, with the nibble field and the block bits disjoint.
+      const __m512i index[4] = {
+          _mm512_ternarylogic_epi32(words, nibble, block_bits, 0xEA),
+          _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 4), nibble, block_bits, 0xEA),
+          _mm512_ternarylogic_epi32(_mm512_srli_epi16(words, 8), nibble, block_bits, 0xEA),
+          _mm512_or_si512(_mm512_srli_epi16(words, 12), block_bits)};
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512i weights = Blocks == 4 ? _mm512_permutex2var_epi16(low_tables, index[v], high_tables)
+                                            : _mm512_permutexvar_epi16(index[v], low_tables);
+#pragma GCC unroll 8
+        for (int i = 0; i < Tokens; ++i) {
+          const __m512i xv = _mm512_loadu_si512(x + i * x_stride + c + v * 32);
+          __m512& sum = sums[v % kSets][r][i];
+          sum = _mm512_dpbf16_ps(sum, (__m512bh)weights, (__m512bh)xv);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int i = 0; i < Tokens; ++i) {
+      __m512 total = sums[0][r][i];
+      if (kSets == 2) total = _mm512_add_ps(total, sums[kSets - 1][r][i]);
+      acc[i * acc_stride + r] = _mm512_reduce_add_ps(total);
+    }
+}
+
+using GemvBf16Tile = void (*)(const Nf4Storage&, int64_t, int64_t, const uint16_t*, int64_t, float*, int64_t);
+
+#define LOLA_NF4_BF16_ROW4(blocks, tokens)                                                           \
+  {&gemv_bf16_rows<blocks, tokens, 1>, &gemv_bf16_rows<blocks, tokens, 2>, &gemv_bf16_rows<blocks, tokens, 3>, \
+   &gemv_bf16_rows<blocks, tokens, 4>}
+#define LOLA_NF4_BF16_ROW2(blocks, tokens) {&gemv_bf16_rows<blocks, tokens, 1>, &gemv_bf16_rows<blocks, tokens, 2>}
+#define LOLA_NF4_BF16_TABLES(blocks)                                                                          \
+  const GemvBf16Tile kGemvBf16Few##blocks[4][4] = {LOLA_NF4_BF16_ROW4(blocks, 1), LOLA_NF4_BF16_ROW4(blocks, 2),   \
+                                                   LOLA_NF4_BF16_ROW4(blocks, 3), LOLA_NF4_BF16_ROW4(blocks, 4)};  \
+  const GemvBf16Tile kGemvBf16Many##blocks[4][2] = {LOLA_NF4_BF16_ROW2(blocks, 5), LOLA_NF4_BF16_ROW2(blocks, 6), \
+                                                    LOLA_NF4_BF16_ROW2(blocks, 7), LOLA_NF4_BF16_ROW2(blocks, 8)};
+
+LOLA_NF4_BF16_TABLES(1)
+LOLA_NF4_BF16_TABLES(2)
+LOLA_NF4_BF16_TABLES(4)
+
+void gemv_bf16(const Nf4Storage& w, int64_t k, int64_t row0, int rows, const uint16_t* x, int64_t x_stride,
+               int tokens, float* acc, int64_t acc_stride) {
+  const int64_t lanes_per_block = w.blocksize / 32;
+  const auto& few = lanes_per_block == 1 ? kGemvBf16Few4 : lanes_per_block == 2 ? kGemvBf16Few2 : kGemvBf16Few1;
+  const auto& many = lanes_per_block == 1 ? kGemvBf16Many4 : lanes_per_block == 2 ? kGemvBf16Many2 : kGemvBf16Many1;
+  if (tokens <= 4) {
+    few[tokens - 1][rows - 1](w, k, row0, x, x_stride, acc, acc_stride);
+    return;
+  }
+  // More tokens keep more accumulators: two rows at a time.
+  for (int r = 0; r < rows; r += 2)
+    many[tokens - 5][(rows - r >= 2 ? 2 : 1) - 1](w, k, row0 + r, x, x_stride, acc + r, acc_stride);
+}
+
 using DotTile = void (*)(const void*, int64_t, const void*, int64_t, int64_t, float*, int64_t);
 using GemvTile = void (*)(const Nf4Storage&, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
 
@@ -346,7 +453,8 @@ void epilogue(const Nf4Epilogue& e, const float* acc, int64_t n0, int64_t count,
 }  // namespace
 
 Nf4Kernels nf4_avx512_kernels(bool native_bf16_dot) {
-  return Nf4Kernels{&dequantize, &decode_rows, native_bf16_dot ? &dot_native : &dot_widen, &gemv, &epilogue};
+  return Nf4Kernels{&dequantize, &decode_rows, native_bf16_dot ? &dot_native : &dot_widen, &gemv,
+                    native_bf16_dot ? &gemv_bf16 : nullptr, &epilogue};
 }
 
 }  // namespace lola::cpu

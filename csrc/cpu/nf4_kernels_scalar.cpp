@@ -106,7 +106,7 @@ void nf4_decode_rows_generic(const Nf4Storage& w, int64_t k, int64_t row0, int64
 }
 
 Nf4Kernels nf4_scalar_kernels() {
-  return Nf4Kernels{&dequantize, &nf4_decode_rows_generic, &dot, nullptr, &epilogue};
+  return Nf4Kernels{&dequantize, &nf4_decode_rows_generic, &dot, nullptr, nullptr, &epilogue};
 }
 
 }  // namespace lola::cpu
