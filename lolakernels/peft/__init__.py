@@ -6,6 +6,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "restore": ".patch",
     "attach_bank": ".bank_serving",
     "detach_bank": ".bank_serving",
-    "fast_merge": ".fast_merge",
+    "fast_merge": ".merging",
 })
 __all__ = ["accelerate", "restore", "attach_bank", "detach_bank", "fast_merge"]
