@@ -201,11 +201,16 @@ def run(cases: list[Case], out_dir: Optional[Path], *, stem: str = "awsvd_cpu",
     """Runs every case; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
     machine = machine_description()
     started = time.perf_counter()
-    rows = [row for case in cases for row in run_case(case, progress)]
-    table = markdown_table(rows, machine)
+    rows: list[dict] = []
+    for index, case in enumerate(cases):
+        rows += run_case(case, progress)
+        table = markdown_table(rows, machine)
+        if out_dir is not None:
+            # Written after every case: the full grid takes long enough to be worth keeping in part.
+            payload = {"machine": machine, "torch": torch.__version__, "lolakernels": lolakernels.__version__,
+                       "seconds": time.perf_counter() - started, "complete": index == len(cases) - 1,
+                       "rows": rows}
+            write_results(out_dir, stem, payload, table)
     if out_dir is not None:
-        payload = {"machine": machine, "torch": torch.__version__, "lolakernels": lolakernels.__version__,
-                   "seconds": time.perf_counter() - started, "rows": rows}
-        write_results(out_dir, stem, payload, table)
         plot(rows, out_dir / f"{stem}.png")
     return rows, table
