@@ -11,7 +11,7 @@ import functools
 import pytest
 
 from lolakernels.benchmarking.awsvd import Case, full_grid, make_problem
-from lolakernels.compress.awsvd import awsvd
+from lolakernels.compress.weighted_svd import awsvd
 
 CASES = [(case, rank) for case in full_grid() for rank in case.ranks]
 ROUTES = {"exact": dict(method="exact"), "randomized": dict(method="randomized"),

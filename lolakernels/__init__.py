@@ -18,7 +18,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "AdapterBank": ".compress.bank",
     "nf4_dequantize": ".ops.nf4",
     "nf4_lora_linear": ".ops.nf4",
-    "awsvd": ".compress.awsvd",
+    "awsvd": ".compress.weighted_svd",
 })
 
 __all__ = ["info", "multi_lora", "shared_basis_lora", "compress_adapters", "AdapterBank",

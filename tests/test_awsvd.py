@@ -6,14 +6,14 @@ import importlib
 import pytest
 import torch
 
-from lolakernels.compress.awsvd import awsvd, choose_method, randomized_svd
+from lolakernels.compress.weighted_svd import awsvd, choose_method, randomized_svd
 from lolakernels.reference.awsvd import (
     awsvd_exact,
     optimal_weighted_error,
     weighted_error,
 )
 
-awsvd_module = importlib.import_module("lolakernels.compress.awsvd")
+awsvd_module = importlib.import_module("lolakernels.compress.weighted_svd")
 
 METHODS = ("randomized", "gram", "exact", "auto")
 # (d_out, d_in, rank): odd sizes, tall and wide, rank 1 and rank = min(d_out, d_in).

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lolakernels.compress import activation_stats
-from lolakernels.compress.lorap import (
+from lolakernels.compress.lorap_pipeline import (
     ATTENTION_PROJECTIONS,
     attention_ranks,
     decoder_layers,
@@ -20,7 +20,7 @@ from lolakernels.compress.lorap import (
 )
 from lolakernels.models import tiny_llama
 
-lorap_module = importlib.import_module("lolakernels.compress.lorap")
+lorap_module = importlib.import_module("lolakernels.compress.lorap_pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 import lolakernels
-from lolakernels.compress.awsvd import awsvd
+from lolakernels.compress.weighted_svd import awsvd
 
 from .timing import machine_description, median_seconds, write_results
 

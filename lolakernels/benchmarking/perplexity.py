@@ -86,7 +86,7 @@ def run_lorap_study(model: nn.Module, split: TextSplit, ratios: Sequence[float],
     text. Calibration statistics are gathered once from the uncompressed model; each
     compression runs on a deep copy, so ``model`` is left untouched."""
     from ..compress import activation_stats
-    from ..compress.lorap import lorap, projection_names
+    from ..compress.lorap_pipeline import lorap, projection_names
 
     started = time.perf_counter()
     base_ppl = perplexity(model, split.heldout)

@@ -5,7 +5,7 @@ from .._lazy import lazy_exports
 __getattr__, __dir__ = lazy_exports(__name__, {
     "compress_adapters": ".joint",
     "AdapterBank": ".bank",
-    "awsvd": ".awsvd",
-    "lorap": ".lorap",
+    "awsvd": ".weighted_svd",
+    "lorap": ".lorap_pipeline",
 })
 __all__ = ["compress_adapters", "AdapterBank", "awsvd", "lorap"]

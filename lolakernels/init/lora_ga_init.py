@@ -3,7 +3,7 @@ Approximation") and the export of the trained adapter as a plain LoRA.
 
 For each adapted weight ``W [d_out, d_in]`` with LoRA rank r, PEFT scaling s and the estimated
 full fine-tuning gradient ``G = ∂L/∂W ≈ U S Vᵀ`` (top 2r singular triplets, from the randomized
-SVD of :func:`lolakernels.compress.awsvd.randomized_svd`):
+SVD of :func:`lolakernels.compress.weighted_svd.randomized_svd`):
 
 - direction ``ArB2r`` (the recipe's default): ``A₀ = ζ · V[:, :r]ᵀ``, ``B₀ = ζ · U[:, r:2r]``
   (``A2rBr``: A from r..2r, B from 0..r; ``ArBr``: A from the odd, B from the even indices);
@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..compress.awsvd import randomized_svd
+from ..compress.weighted_svd import randomized_svd
 from ..compress.lowrank import product_sum_svd
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")

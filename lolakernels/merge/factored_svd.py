@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._checks import require_dims, require_dtype
-from ..compress.awsvd import randomized_svd
+from ..compress.weighted_svd import randomized_svd
 from ..compress.lowrank import product_sum_svd
 from . import combine
 

@@ -8,7 +8,7 @@ out [M, N] / [B, M, N] float32. The weight ``a`` is read in its own dtype (float
 bfloat16): no float32 copy of a 16-bit W is made. For 16-bit ``a`` the scaled fp32 tile of x is
 split into ``hi + lo`` halves in a's dtype, so both tensor-core products are exact and the sum
 keeps ~fp32 accuracy of x; float32 ``a`` uses IEEE fp32 dots. Accumulation is fp32.
-``lolakernels.compress.awsvd.TorchProducts`` (plain torch.matmul) is the oracle.
+``lolakernels.compress.weighted_svd.TorchProducts`` (plain torch.matmul) is the oracle.
 """
 from __future__ import annotations
 

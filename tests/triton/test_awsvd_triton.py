@@ -15,12 +15,12 @@ import torch
 if not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from lolakernels.compress.awsvd import awsvd  # noqa: E402
+from lolakernels.compress.weighted_svd import awsvd  # noqa: E402
 from lolakernels.reference.awsvd import optimal_weighted_error, weighted_error  # noqa: E402
 from lolakernels.triton import awsvd as triton_awsvd  # noqa: E402
 from lolakernels.triton.awsvd import scaled_matmul  # noqa: E402
 
-awsvd_module = importlib.import_module("lolakernels.compress.awsvd")
+awsvd_module = importlib.import_module("lolakernels.compress.weighted_svd")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes bf16 wrongly, so bf16 is only checked on a real GPU.

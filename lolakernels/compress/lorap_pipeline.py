@@ -16,7 +16,6 @@ of ``x²`` per channel (``activation_stats``).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from . import activation_stats
-from .awsvd import awsvd
+from .weighted_svd import awsvd
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -334,15 +333,3 @@ def lorap(model: nn.Module, calib_input_ids: Optional[Tensor], ratio: float, *, 
     report.decoder_params_after = _count(layers)
     report.model_params_after = _count(model)
     return model, report
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    """``lolakernels.compress.lorap`` names both this module and the function (the package
-    exports the function under the module's name, and importing the module rebinds the package
-    attribute to the module): calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return lorap(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

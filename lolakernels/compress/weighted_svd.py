@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -436,15 +435,3 @@ def awsvd(weight: Tensor, act_scale: Tensor, rank: int, *, method: str = "auto",
     else:
         left, right = _awsvd_exact(weight.to(dtype), scale, rank)
     return left.to(weight.dtype), right.to(weight.dtype)
-
-
-class _CallableModule(type(sys.modules[__name__])):
-    """``lolakernels.compress.awsvd`` names both this module and the function (the package
-    exports the function under the module's name, and importing the module rebinds the package
-    attribute to the module): calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return awsvd(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
