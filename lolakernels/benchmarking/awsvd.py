@@ -23,7 +23,7 @@ import torch
 import lolakernels
 from lolakernels.compress.weighted_svd import awsvd
 
-from .timing import machine_description, median_seconds, write_results
+from .timing import machine_description, median_seconds, write_results, headless_pyplot
 
 # Issue targets: (largest rank, minimum speedup, maximum error ratio).
 TARGETS = ((256, 10.0, 1.01), (1024, 2.0, 1.001))
@@ -162,12 +162,8 @@ def markdown_table(rows: list[dict], machine: str) -> str:
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
     """Speedup over the full-SVD route (left) and error ratio (right) against rank."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     figure, (speed_axis, error_axis) = plt.subplots(1, 2, figsize=(11, 4))
     keys = sorted({(r["d_out"], r["d_in"], r["spectrum"], r["method"]) for r in rows})

@@ -445,12 +445,10 @@ def markdown_report(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> Optional[Path]:
     """Accuracy kept and reconstruction error vs storage ratio, one line per (method, clusters)."""
-    try:
-        import matplotlib
+    from .timing import headless_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     summary = payload["summary"]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -23,7 +23,7 @@ import torch
 
 import lolakernels
 
-from .timing import machine_description, write_results
+from .timing import machine_description, write_results, headless_pyplot
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("peft", "accelerate", "bank")
@@ -196,12 +196,8 @@ def markdown_table(rows: list[dict], machine: str) -> str:
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
     """Tokens/s vs N per method, one panel per dtype."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     dtypes = sorted({r["dtype"] for r in rows})
     figure, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import lolakernels
 from lolakernels.reference import shared_basis_lora_torch
 
-from .timing import interleaved_seconds, machine_description, measure_read_bandwidth, write_results
+from .timing import interleaved_seconds, machine_description, measure_read_bandwidth, write_results, headless_pyplot
 
 
 @dataclass(frozen=True)
@@ -243,12 +243,8 @@ def summary_table(payload: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
     """Overhead over the base GEMM vs N (C = 1, R = 16): shared basis vs PEFT mixed batch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for axis, dtype in zip(axes, ("float32", "bfloat16")):

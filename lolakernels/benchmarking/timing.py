@@ -68,3 +68,16 @@ def write_results(directory: Path, stem: str, payload: dict, markdown: str) -> t
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
+
+
+def headless_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is not
+    installed (plots are optional; the JSON and markdown results are not)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
