@@ -9,7 +9,6 @@ import copy
 import pytest
 import torch
 
-from lora_cases import RELATIVE_FLOOR
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
