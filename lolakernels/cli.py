@@ -67,13 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="SmolLM2 end to end: a few adapters, compressed into a bank, one mixed batch served vs PEFT").set_defaults(
         handler=_demo)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        module.register(commands, suites)
+        importlib.import_module(name).register(commands, suites)
     return parser
 
 

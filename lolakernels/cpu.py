@@ -83,10 +83,9 @@ def shared_basis_lora_(
 
 def _nf4_weight_args(weight: "Nf4Weight") -> tuple:
     """The raw-pointer weight arguments of the nf4 entry points (lola::Nf4Storage)."""
-    offset = 0.0 if weight.absmax_offset is None else float(weight.absmax_offset)
     return (weight.packed.data_ptr(), weight.numel, weight.blocksize, address(weight.absmax),
             address(weight.absmax_q), address(weight.absmax_code), address(weight.absmax_scale),
-            weight.absmax_blocksize, offset)
+            weight.absmax_blocksize, address(weight.absmax_offset))
 
 
 def dequantize_range(weight: "Nf4Weight", begin: int, count: int, dtype: torch.dtype) -> Tensor:

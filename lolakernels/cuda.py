@@ -150,14 +150,13 @@ def nf4_lora_linear(
         lora_b_c = lora_b.float().contiguous()
         if magnitude is not None:
             dora_scale = (magnitude / weight_norm).float().contiguous()
-    offset = 0.0 if weight.absmax_offset is None else float(weight.absmax_offset)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         module.nf4_gemv(
             out.data_ptr(), out.stride(0), x_compute.data_ptr(), x_compute.stride(0),
             weight.packed.data_ptr(), weight.numel, weight.blocksize,
             address(weight.absmax), address(weight.absmax_q), address(weight.absmax_code),
-            address(weight.absmax_scale), weight.absmax_blocksize, offset, n, k,
+            address(weight.absmax_scale), weight.absmax_blocksize, address(weight.absmax_offset), n, k,
             address(bias_compute), address(lora_h), address(lora_b_c), rank, float(scale), address(dora_scale),
             m, _DTYPE_CODES[compute_dtype], stream,
         )

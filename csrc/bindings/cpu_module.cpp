@@ -47,13 +47,16 @@ void shared_basis_lora(std::uintptr_t out, int64_t out_row_stride, int64_t out_o
 
 lola::Nf4Storage nf4_storage(std::uintptr_t packed, int64_t numel, int64_t blocksize, std::uintptr_t absmax,
                              std::uintptr_t absmax_q, std::uintptr_t absmax_code, std::uintptr_t absmax_scale,
-                             int64_t absmax_blocksize, float absmax_offset) {
+                             int64_t absmax_blocksize, std::uintptr_t absmax_offset) {
   if (blocksize <= 0) throw std::invalid_argument("blocksize must be positive, got " + std::to_string(blocksize));
-  if (absmax == 0 && (absmax_q == 0 || absmax_code == 0 || absmax_scale == 0 || absmax_blocksize <= 0))
-    throw std::invalid_argument("nf4 weight needs absmax, or absmax_q + absmax_code + absmax_scale (double quantization)");
+  if (absmax == 0 && (absmax_q == 0 || absmax_code == 0 || absmax_scale == 0 || absmax_offset == 0 ||
+                      absmax_blocksize <= 0))
+    throw std::invalid_argument(
+        "nf4 weight needs absmax, or absmax_q + absmax_code + absmax_scale + absmax_offset (double quantization)");
   return lola::Nf4Storage{as_pointer<const uint8_t>(packed), numel, blocksize, as_pointer<const float>(absmax),
                           as_pointer<const uint8_t>(absmax_q), as_pointer<const float>(absmax_code),
-                          as_pointer<const float>(absmax_scale), absmax_blocksize, absmax_offset,
+                          as_pointer<const float>(absmax_scale), absmax_blocksize,
+                          as_pointer<const float>(absmax_offset),
                           lola::power_of_two_shift(absmax_blocksize)};
 }
 
@@ -65,7 +68,7 @@ void check_isa(int isa) {
 // Weight arguments shared by the nf4 entry points (see lola::Nf4Storage).
 #define LOLA_NF4_WEIGHT_ARGS                                                                              \
   std::uintptr_t packed, int64_t numel, int64_t blocksize, std::uintptr_t absmax, std::uintptr_t absmax_q, \
-      std::uintptr_t absmax_code, std::uintptr_t absmax_scale, int64_t absmax_blocksize, float absmax_offset
+      std::uintptr_t absmax_code, std::uintptr_t absmax_scale, int64_t absmax_blocksize, std::uintptr_t absmax_offset
 #define LOLA_NF4_WEIGHT \
   nf4_storage(packed, numel, blocksize, absmax, absmax_q, absmax_code, absmax_scale, absmax_blocksize, absmax_offset)
 

@@ -118,7 +118,7 @@ void nf4_gemv(
     std::uintptr_t x_ptr, int64_t x_row_stride,
     std::uintptr_t packed_ptr, int64_t numel, int64_t blocksize,
     std::uintptr_t absmax_ptr, std::uintptr_t absmax_q_ptr, std::uintptr_t absmax_code_ptr,
-    std::uintptr_t absmax_scale_ptr, int64_t absmax_blocksize, float absmax_offset,
+    std::uintptr_t absmax_scale_ptr, int64_t absmax_blocksize, std::uintptr_t absmax_offset_ptr,
     int64_t n, int64_t k,
     std::uintptr_t bias_ptr, std::uintptr_t lora_h_ptr, std::uintptr_t lora_b_ptr, int64_t rank, float scale,
     std::uintptr_t dora_scale_ptr, int64_t num_tokens, int dtype, std::uintptr_t stream) {
@@ -138,7 +138,8 @@ void nf4_gemv(
   }
   const lola::Nf4Storage weight{as_ptr<const uint8_t>(packed_ptr), numel, blocksize, as_ptr<const float>(absmax_ptr),
                                 as_ptr<const uint8_t>(absmax_q_ptr), as_ptr<const float>(absmax_code_ptr),
-                                as_ptr<const float>(absmax_scale_ptr), absmax_blocksize, absmax_offset,
+                                as_ptr<const float>(absmax_scale_ptr), absmax_blocksize,
+                                as_ptr<const float>(absmax_offset_ptr),
                                 lola::power_of_two_shift(absmax_blocksize)};
   cudaError_t err;
   {
@@ -190,12 +191,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("out_ptr"), py::arg("out_row_stride"), py::arg("x_ptr"), py::arg("x_row_stride"),
         py::arg("packed_ptr"), py::arg("numel"), py::arg("blocksize"),
         py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("absmax_code_ptr"), py::arg("absmax_scale_ptr"),
-        py::arg("absmax_blocksize"), py::arg("absmax_offset"), py::arg("n"), py::arg("k"),
+        py::arg("absmax_blocksize"), py::arg("absmax_offset_ptr"), py::arg("n"), py::arg("k"),
         py::arg("bias_ptr"), py::arg("lora_h_ptr"), py::arg("lora_b_ptr"), py::arg("rank"), py::arg("scale"),
         py::arg("dora_scale_ptr"), py::arg("num_tokens"), py::arg("dtype"), py::arg("stream"),
         "out[m, :] = nf4 linear of x[m, :] (+ bias, + LoRA expand of h = x . lora_a^T, DoRA when dora_scale) for "
         "m < num_tokens <= nf4_gemv_max_tokens (see csrc/cuda/nf4.cuh). Weight: bitsandbytes' packed nf4 bytes "
-        "with fp32 absmax, or (absmax 0) uint8 absmax_q + absmax_code [256] + absmax_scale + offset. Pointers are "
+        "with fp32 absmax, or (absmax 0) uint8 absmax_q + absmax_code [256] + absmax_scale + the fp32 offset (a pointer, read on the device). Pointers are "
         "device addresses (0 when absent); h, lora_b and dora_scale are fp32; dtype: 0 float16, 1 bfloat16 (x, "
         "bias, out); stream: cudaStream_t as an integer. Raises RuntimeError with the CUDA error on failure.");
   m.attr("nf4_gemv_max_tokens") = py::int_(lola::cuda::kNf4GemvMaxTokens);

@@ -35,7 +35,8 @@ struct Nf4Storage {
   const float* absmax_code;       // [256] fp32 code of the absmax quantization
   const float* absmax_scale;      // [ceil(blocks / absmax_blocksize)] fp32
   int64_t absmax_blocksize;
-  float absmax_offset;
+  const float* absmax_offset;     // [1] fp32 (double quantization): a pointer, so that a device copy needs no
+                                  // host read (which would sync the stream and break CUDA graph capture)
   int absmax_block_shift;         // log2(absmax_blocksize) when a power of two (always, in bitsandbytes), else -1
 };
 
@@ -56,7 +57,7 @@ LOLA_HOST_DEVICE float nf4_absmax(const Nf4Storage& w, int64_t block) {
   // A 64-bit division here would cost more than decoding the block's weights.
   const int64_t group = w.absmax_block_shift >= 0 ? block >> w.absmax_block_shift : block / w.absmax_blocksize;
   const float scaled = w.absmax_code[w.absmax_q[block]] * w.absmax_scale[group];
-  return scaled + w.absmax_offset;
+  return scaled + *w.absmax_offset;
 }
 
 LOLA_HOST_DEVICE int nf4_index(const uint8_t* packed, int64_t j) {

@@ -57,7 +57,7 @@ __device__ __forceinline__ float block_absmax(const Nf4Storage& w, int64_t block
   if (w.absmax != nullptr) return __ldg(w.absmax + block);
   const int64_t group = block >> w.absmax_block_shift;
   const float scaled = __fmul_rn(__ldg(w.absmax_code + __ldg(w.absmax_q + block)), __ldg(w.absmax_scale + group));
-  return __fadd_rn(scaled, w.absmax_offset);
+  return __fadd_rn(scaled, __ldg(w.absmax_offset));
 }
 
 // The nf4 value of code index `index`, looked up in the lanes' registers (lane i holds code[i & 15]).

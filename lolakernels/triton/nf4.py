@@ -92,13 +92,12 @@ def _storage_args(weight: Nf4Weight) -> tuple:
     """(absmax, absmax_q, absmax_code, absmax_scale, absmax_offset, block shift, absmax block shift)
     kernel arguments; unused pointers are replaced by the packed tensor (never read)."""
     placeholder = weight.packed
-    offset = 0.0 if weight.absmax_offset is None else float(weight.absmax_offset)
     return (
         weight.absmax if weight.absmax is not None else placeholder,
         weight.absmax_q if weight.absmax_q is not None else placeholder,
         weight.absmax_code if weight.absmax_code is not None else placeholder,
         weight.absmax_scale if weight.absmax_scale is not None else placeholder,
-        offset,
+        weight.absmax_offset if weight.absmax_offset is not None else placeholder,
         _shift(weight.blocksize),
         _shift(weight.absmax_blocksize) if weight.nested else 0,
     )
@@ -117,7 +116,7 @@ def _block_absmax(block, mask, absmax, absmax_q, absmax_code, absmax_scale, absm
         q = tl.load(absmax_q + block, mask=mask, other=0).to(tl.int32)
         scaled = tl.load(absmax_code + q, mask=mask, other=0.0) * tl.load(absmax_scale + (block >> absmax_shift),
                                                                           mask=mask, other=0.0)
-        return scaled + absmax_offset
+        return scaled + tl.load(absmax_offset)
     else:
         return tl.load(absmax + block, mask=mask, other=0.0)
 

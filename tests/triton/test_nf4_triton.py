@@ -43,6 +43,14 @@ DEQUANTIZE_CASES = [
 ]
 
 
+def test_double_quantization_offset_stays_a_device_pointer():
+    """The offset is handed to the kernels as a tensor, never read on the host: a host read of a
+    CUDA tensor synchronizes the stream and cannot be captured in a CUDA graph."""
+    nf4, _, _ = _weight(16, 64, 64, nested=True)
+    offset_argument = triton_nf4._storage_args(nf4)[4]
+    assert isinstance(offset_argument, torch.Tensor) and offset_argument is nf4.absmax_offset
+
+
 @pytest.mark.parametrize("n,k,blocksize,nested", DEQUANTIZE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dequantize_bit_exact(n, k, blocksize, nested, dtype):
