@@ -15,6 +15,10 @@ SHAPES = [  # (T, d_in, d_out, R, N, C)
     (37, 130, 70, 16, 9, 1),
     (64, 257, 129, 7, 200, 4),    # N > T, odd sizes, tails in every dimension
     (130, 96, 64, 32, 12, 2),
+    # Clusters with >= 24 tokens take the packed shrink: R > 64 (a second, partial rank tile),
+    # odd d_in spanning two chunks (an odd last pair), a cluster below the threshold beside them.
+    (90, 1031, 40, 80, 6, 2),
+    (61, 33, 17, 3, 2, 1),
 ]
 BACKEND_IDS = [f"{b}-{isa}" if isa else b for b, isa in CPU_BACKENDS]
 
@@ -38,7 +42,7 @@ LOW_PRECISION = [(b, isa, torch.bfloat16) for b, isa in CPU_BACKENDS] + [("refer
 
 @pytest.mark.parametrize("backend,isa,dtype", LOW_PRECISION,
                          ids=[f"{b}-{isa}-{str(d)[6:]}" for b, isa, d in LOW_PRECISION])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[7], SHAPES[8]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
 @pytest.mark.parametrize("sigma_kind", ["diag", "full"])
 def test_low_precision_within_twice_plain_torch_error(use_backend, backend, isa, dtype, shape, sigma_kind):
     use_backend(backend, isa)

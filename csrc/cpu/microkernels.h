@@ -18,6 +18,20 @@ constexpr int64_t kShrinkChunk = 1024;
 // from lora_b's rows: transposing a panel would cost more than the product it serves.
 constexpr int kRowExpandTokens = 2;
 
+// Packed shrink, for clusters with at least kPackedShrinkMinTokens tokens in the batch: lora_a[c]
+// is transposed once per call into a panel with d as rows (ranks contiguous, padded to 16), so a
+// tile is an outer-product update like the expand's (one vector of ranks feeds one FMA per token,
+// no horizontal sums) and a d_in chunk of the panel stays in L2 across a thread's token tiles.
+constexpr int kPackedTokens = 6;         // tokens per packed-shrink tile
+constexpr int kPackedRanks = 64;         // ranks per packed-shrink tile (4 vectors)
+constexpr int kPackedShrinkMinTokens = 24;
+
+// How a packed panel stores panel(d, k) = lora_a[c, k, d], with `stride` ranks (a multiple of 16):
+//   Float32Rows: fp32 panel[d * stride + k];
+//   Bf16Pairs:   bf16 panel[(d / 2) * 2 * stride + 2 * k + d % 2], the operand layout of VDPBF16PS
+//                (zero past d_in when d_in is odd).
+enum class PanelLayout : int { Float32Rows = 0, Bf16Pairs = 1 };
+
 struct MicroKernels {
   // h[i * h_stride + k] += Σ_{d < length} x_rows[i][d] · a_rows[k * a_stride + d]
   // for i < num_tokens (≤ kShrinkTokens), k < num_ranks (≤ kShrinkRanks): one d_in chunk.
@@ -33,6 +47,12 @@ struct MicroKernels {
                       int num_tokens, int num_cols);
   // g[j] = Σ_{k < true_rank} sigma_rows[j * rank + k] · h[k] for j < rank (one adapter's full Σ).
   void (*sigma_full)(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g);
+  // h[i * h_stride + k] += Σ_{d < length} x_rows[i][d] · panel(d, k) for i < num_tokens
+  // (≤ kPackedTokens), k < num_ranks (≤ kPackedRanks); `panel` points at panel(0, 0) of the chunk
+  // (an even d for Bf16Pairs) and the tile's first rank.
+  void (*shrink_packed)(const void* const* x_rows, const void* panel, int64_t stride, int64_t length,
+                        int num_tokens, int num_ranks, float* h, int64_t h_stride);
+  PanelLayout panel_layout;
 };
 
 MicroKernels scalar_kernels(bool bf16);

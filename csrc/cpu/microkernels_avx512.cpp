@@ -231,12 +231,124 @@ void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t tr
   }
 }
 
+// Adds a tile's accumulators into h (first num_ranks of each token's row).
+template <int Tokens, int Vecs>
+inline void add_to_h(__m512 (&acc)[Tokens][Vecs], int num_ranks, float* h, int64_t h_stride) {
+  for (int i = 0; i < Tokens; ++i)
+    for (int v = 0; v < Vecs; ++v) {
+      const __mmask16 mask = low_mask16(num_ranks - 16 * v);
+      float* row = h + i * h_stride + 16 * v;
+      _mm512_mask_storeu_ps(row, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, row), acc[i][v]));
+    }
+}
+
+inline __m512 broadcast_as_f32(const float* x, int64_t d) { return _mm512_set1_ps(x[d]); }
+inline __m512 broadcast_as_f32(const uint16_t* x, int64_t d) {
+  return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(x[d]) << 16)));
+}
+
+// fp32 panel rows: per d, Vecs loads of 16 ranks and one broadcast per token feed Tokens × Vecs FMAs.
+template <int Tokens, int Vecs, typename XElement>
+void shrink_packed_f32(const void* const* x_rows, const void* panel_data, int64_t stride, int64_t length,
+                       int num_ranks, float* h, int64_t h_stride) {
+  const XElement* x[Tokens];
+  for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const XElement*>(x_rows[i]);
+  const float* panel = static_cast<const float*>(panel_data);
+  __m512 acc[Tokens][Vecs];
+  for (int i = 0; i < Tokens; ++i)
+    for (int v = 0; v < Vecs; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < length; ++d) {
+    __m512 ranks[Vecs];
+    for (int v = 0; v < Vecs; ++v) ranks[v] = _mm512_loadu_ps(panel + d * stride + 16 * v);
+    for (int i = 0; i < Tokens; ++i) {
+      const __m512 xv = broadcast_as_f32(x[i], d);
+      for (int v = 0; v < Vecs; ++v) acc[i][v] = _mm512_fmadd_ps(xv, ranks[v], acc[i][v]);
+    }
+  }
+  add_to_h<Tokens, Vecs>(acc, num_ranks, h, h_stride);
+}
+
+// One pair row of the panel times every token's broadcast pair.
+template <int Tokens, int Vecs>
+__attribute__((target("avx512bf16"), always_inline)) inline void packed_bf16_step(const uint16_t* pair_row,
+                                                                                 const __m512i (&pairs)[Tokens],
+                                                                                 __m512 (&acc)[Tokens][Vecs]) {
+  for (int v = 0; v < Vecs; ++v) {
+    const __m512i ranks = _mm512_loadu_si512(pair_row + 32 * v);
+    for (int i = 0; i < Tokens; ++i) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)ranks, (__m512bh)pairs[i]);
+  }
+}
+
+// bf16 pairs: per pair of d, one VDPBF16PS of the token's (x[d], x[d + 1]) with 16 ranks' pairs.
+template <int Tokens, int Vecs>
+__attribute__((target("avx512bf16"))) void shrink_packed_bf16_dot(const void* const* x_rows, const void* panel_data,
+                                                                 int64_t stride, int64_t length, int num_ranks,
+                                                                 float* h, int64_t h_stride) {
+  const uint16_t* x[Tokens];
+  for (int i = 0; i < Tokens; ++i) x[i] = static_cast<const uint16_t*>(x_rows[i]);
+  const uint16_t* panel = static_cast<const uint16_t*>(panel_data);
+  __m512 acc[Tokens][Vecs];
+  for (int i = 0; i < Tokens; ++i)
+    for (int v = 0; v < Vecs; ++v) acc[i][v] = _mm512_setzero_ps();
+  const int64_t even = length & ~int64_t{1};
+  for (int64_t d = 0; d < even; d += 2) {
+    __m512i pairs[Tokens];  // (x[d], x[d + 1]) as one dword, broadcast
+    for (int i = 0; i < Tokens; ++i) {
+      int32_t both;
+      __builtin_memcpy(&both, x[i] + d, sizeof(both));
+      pairs[i] = _mm512_set1_epi32(both);
+    }
+    packed_bf16_step<Tokens, Vecs>(panel + d * stride, pairs, acc);
+  }
+  if (even < length) {  // an odd chunk ends with x[d] alone; the panel's pair is zero past d_in
+    __m512i pairs[Tokens];
+    for (int i = 0; i < Tokens; ++i) pairs[i] = _mm512_set1_epi32(x[i][even]);
+    packed_bf16_step<Tokens, Vecs>(panel + even * stride, pairs, acc);
+  }
+  add_to_h<Tokens, Vecs>(acc, num_ranks, h, h_stride);
+}
+
+using PackedTile = void (*)(const void* const*, const void*, int64_t, int64_t, int, float*, int64_t);
+
+#define LOLA_PACKED_ROW(tokens, ...) \
+  {&__VA_ARGS__<tokens, 1>, &__VA_ARGS__<tokens, 2>, &__VA_ARGS__<tokens, 3>, &__VA_ARGS__<tokens, 4>}
+#define LOLA_PACKED_TABLE(name, ...)                                                             \
+  const PackedTile name[kPackedTokens][kPackedRanks / 16] = {                                    \
+      LOLA_PACKED_ROW(1, __VA_ARGS__), LOLA_PACKED_ROW(2, __VA_ARGS__), LOLA_PACKED_ROW(3, __VA_ARGS__), \
+      LOLA_PACKED_ROW(4, __VA_ARGS__), LOLA_PACKED_ROW(5, __VA_ARGS__), LOLA_PACKED_ROW(6, __VA_ARGS__)};
+
+template <int Tokens, int Vecs>
+void shrink_packed_f32_x32(const void* const* x_rows, const void* panel, int64_t stride, int64_t length, int num_ranks,
+                           float* h, int64_t h_stride) {
+  shrink_packed_f32<Tokens, Vecs, float>(x_rows, panel, stride, length, num_ranks, h, h_stride);
+}
+template <int Tokens, int Vecs>
+void shrink_packed_f32_x16(const void* const* x_rows, const void* panel, int64_t stride, int64_t length, int num_ranks,
+                           float* h, int64_t h_stride) {
+  shrink_packed_f32<Tokens, Vecs, uint16_t>(x_rows, panel, stride, length, num_ranks, h, h_stride);
+}
+
+LOLA_PACKED_TABLE(kPackedF32, shrink_packed_f32_x32)
+LOLA_PACKED_TABLE(kPackedBf16Widen, shrink_packed_f32_x16)
+LOLA_PACKED_TABLE(kPackedBf16Dot, shrink_packed_bf16_dot)
+
+template <const PackedTile (&Table)[kPackedTokens][kPackedRanks / 16]>
+void shrink_packed_any(const void* const* x_rows, const void* panel, int64_t stride, int64_t length, int num_tokens,
+                       int num_ranks, float* h, int64_t h_stride) {
+  Table[num_tokens - 1][(num_ranks + 15) / 16 - 1](x_rows, panel, stride, length, num_ranks, h, h_stride);
+}
+
 }  // namespace
 
 MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
-  if (!bf16) return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>};
-  return {native_bf16_dot ? &shrink_bf16_dot_any : &shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>,
-          &sigma_full<true>};
+  if (!bf16)
+    return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>,
+            &shrink_packed_any<kPackedF32>, PanelLayout::Float32Rows};
+  if (native_bf16_dot)
+    return {&shrink_bf16_dot_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
+            &shrink_packed_any<kPackedBf16Dot>, PanelLayout::Bf16Pairs};
+  return {&shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
+          &shrink_packed_any<kPackedBf16Widen>, PanelLayout::Float32Rows};
 }
 
 }  // namespace lola::cpu

@@ -66,11 +66,28 @@ void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t tr
   }
 }
 
+template <typename Element>
+void shrink_packed(const void* const* x_rows, const void* panel_data, int64_t stride, int64_t length,
+                   int num_tokens, int num_ranks, float* h, int64_t h_stride) {
+  const auto* panel = static_cast<const float*>(panel_data);
+  for (int i = 0; i < num_tokens; ++i) {
+    const auto* x = static_cast<const Element*>(x_rows[i]);
+    for (int k = 0; k < num_ranks; ++k) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < length; ++d) sum += load_as_float(x, d) * panel[d * stride + k];
+      h[i * h_stride + k] += sum;
+    }
+  }
+}
+
 }  // namespace
 
 MicroKernels scalar_kernels(bool bf16) {
-  if (bf16) return {&shrink<uint16_t>, &expand<uint16_t>, &expand_rows<uint16_t>, &sigma_full<uint16_t>};
-  return {&shrink<float>, &expand<float>, &expand_rows<float>, &sigma_full<float>};
+  if (bf16)
+    return {&shrink<uint16_t>, &expand<uint16_t>, &expand_rows<uint16_t>, &sigma_full<uint16_t>,
+            &shrink_packed<uint16_t>, PanelLayout::Float32Rows};
+  return {&shrink<float>, &expand<float>, &expand_rows<float>, &sigma_full<float>, &shrink_packed<float>,
+          PanelLayout::Float32Rows};
 }
 
 }  // namespace lola::cpu

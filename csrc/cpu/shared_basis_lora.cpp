@@ -143,6 +143,75 @@ void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float*
   }
 }
 
+// Transposes lora_a[cluster] (rows of d_in) into the packed-shrink panel of `kernels`, ranks
+// padded to `stride` with zeros. Blocks of d are split over the threads; a block of panel rows
+// stays in L1 while every rank writes into it.
+template <typename Element>
+void pack_shrink_panel_as(const Element* lora_a, int64_t d_in, int64_t rank, int64_t cluster, int64_t stride,
+                          PanelLayout layout, void* panel, int num_threads) {
+  constexpr int64_t kBlock = 64;
+  const Element* a = lora_a + cluster * rank * d_in;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t d0 = 0; d0 < d_in; d0 += kBlock) {
+    const int64_t d1 = std::min(d_in, d0 + kBlock);
+    for (int64_t k = 0; k < rank; ++k) {
+      const Element* row = a + k * d_in;
+      for (int64_t d = d0; d < d1; ++d) {
+        if (layout == PanelLayout::Bf16Pairs) {
+          if constexpr (std::is_same_v<Element, uint16_t>)
+            static_cast<uint16_t*>(panel)[(d / 2) * 2 * stride + 2 * k + (d & 1)] = row[d];
+        } else if constexpr (std::is_same_v<Element, float>) {
+          static_cast<float*>(panel)[d * stride + k] = row[d];
+        } else {
+          static_cast<float*>(panel)[d * stride + k] = bf16_to_float(row[d]);
+        }
+      }
+    }
+  }
+}
+
+// The shrink of one large group: pack lora_a[cluster] once, then each thread takes a contiguous
+// run of token tiles and walks d_in in chunks, so a chunk of the panel is reused from L2 by all of
+// its tiles.
+void shrink_packed_group(const LoraProblem& p, const MicroKernels& kernels, const Group& group,
+                         const std::vector<int64_t>& order, std::vector<char>& panel, float* h, int num_threads) {
+  const int64_t rank = p.rank;
+  const int64_t stride = (rank + 15) / 16 * 16;
+  const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
+  const int64_t panel_bytes = pairs ? (p.d_in + 1) / 2 * 2 * stride * 2 : p.d_in * stride * 4;
+  panel.assign(panel_bytes, 0);  // the zero padding (ranks past R, an odd d_in's last pair) is read
+  if (p.dtype == DType::Float32) {
+    pack_shrink_panel_as(static_cast<const float*>(p.lora_a), p.d_in, rank, group.cluster, stride,
+                         kernels.panel_layout, panel.data(), num_threads);
+  } else {
+    pack_shrink_panel_as(static_cast<const uint16_t*>(p.lora_a), p.d_in, rank, group.cluster, stride,
+                         kernels.panel_layout, panel.data(), num_threads);
+  }
+  const int64_t element_size = element_size_of(p.dtype);
+  const auto* x_bytes = static_cast<const char*>(p.x);
+  const int64_t tiles = (group.end - group.begin + kPackedTokens - 1) / kPackedTokens;
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = tiles * thread / threads, last = tiles * (thread + 1) / threads;
+    for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
+      const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
+      for (int64_t k = 0; k < rank; k += kPackedRanks) {
+        const int ranks = static_cast<int>(std::min<int64_t>(kPackedRanks, rank - k));
+        const char* panel_at = panel.data() + (pairs ? (chunk * stride + 2 * k) * 2 : (chunk * stride + k) * 4);
+        for (int64_t tile = first; tile < last; ++tile) {
+          const int64_t begin = group.begin + tile * kPackedTokens;
+          const int tokens = static_cast<int>(std::min<int64_t>(kPackedTokens, group.end - begin));
+          const void* x_rows[kPackedTokens];
+          for (int i = 0; i < tokens; ++i)
+            x_rows[i] = x_bytes + (order[begin + i] * p.x_row_stride + chunk) * element_size;
+          kernels.shrink_packed(x_rows, panel_at, stride, length, tokens, ranks, h + begin * rank + k, rank);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
@@ -166,18 +235,27 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
 
   std::vector<float> h(active * rank, 0.0f), g(active * rank, 0.0f);
 
-  // Shrink: each item owns a token tile and walks d_in in chunks, passing every rank tile of the
-  // chunk over the same x rows (kept in L1). With few token tiles (decode) the ranks are split
-  // across items too, so every thread has work.
+  // Shrink of large groups: a packed panel per group (see shrink_packed_group).
+  const auto packed = [&](const Group& group) { return group.end - group.begin >= kPackedShrinkMinTokens; };
+  if (rank > 0 && p.d_in > 0) {
+    std::vector<char> panel;
+    for (const Group& group : groups)
+      if (packed(group)) shrink_packed_group(p, kernels, group, order, panel, h.data(), num_threads);
+  }
+  // Shrink of the other groups: each item owns a token tile and walks d_in in chunks, passing
+  // every rank tile of the chunk over the same x rows (kept in L1). With few token tiles (decode)
+  // the ranks are split across items too, so every thread has work.
   std::vector<ShrinkItem> shrink_items;
   if (rank > 0 && p.d_in > 0) {
     int64_t token_tiles = 0;
-    for (const Group& group : groups) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
+    for (const Group& group : groups)
+      if (!packed(group)) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
     const int64_t rank_span = token_tiles >= 2 * num_threads ? rank : kShrinkRanks;
     for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
-      for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
-        for (int64_t k = 0; k < rank; k += rank_span)
-          shrink_items.push_back({gi, static_cast<int32_t>(k), static_cast<int32_t>(std::min(rank, k + rank_span)), i});
+      if (!packed(groups[gi]))
+        for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
+          for (int64_t k = 0; k < rank; k += rank_span)
+            shrink_items.push_back({gi, static_cast<int32_t>(k), static_cast<int32_t>(std::min(rank, k + rank_span)), i});
   }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t w = 0; w < static_cast<int64_t>(shrink_items.size()); ++w) {
