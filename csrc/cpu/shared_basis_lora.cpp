@@ -5,7 +5,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../common/bf16.h"
@@ -116,8 +115,11 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
   std::fill(g + true_rank, g + rank, 0.0f);
 }
 
-// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out. Templated on the
-// element type so the transpose loop compiles without a per-element dtype branch.
+// A stored element as fp32; overloaded so the transpose loops compile without a per-element dtype branch.
+inline float as_float(float value) { return value; }
+inline float as_float(uint16_t bf16_bits) { return bf16_to_float(bf16_bits); }
+
+// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out.
 template <typename Element>
 void pack_panel_as(const Element* lora_b, int64_t d_out, int64_t rank, int64_t cluster, int64_t col_begin,
                    float* panel) {
@@ -125,13 +127,7 @@ void pack_panel_as(const Element* lora_b, int64_t d_out, int64_t rank, int64_t c
   std::fill(panel, panel + rank * kExpandCols, 0.0f);
   for (int64_t j = 0; j < cols; ++j) {
     const Element* row = lora_b + (cluster * d_out + col_begin + j) * rank;
-    for (int64_t k = 0; k < rank; ++k) {
-      if constexpr (std::is_same_v<Element, float>) {
-        panel[k * kExpandCols + j] = row[k];
-      } else {
-        panel[k * kExpandCols + j] = bf16_to_float(row[k]);
-      }
-    }
+    for (int64_t k = 0; k < rank; ++k) panel[k * kExpandCols + j] = as_float(row[k]);
   }
 }
 
@@ -143,30 +139,31 @@ void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float*
   }
 }
 
-// Transposes lora_a[cluster] (rows of d_in) into the packed-shrink panel of `kernels`, ranks
-// padded to `stride` with zeros. Blocks of d are split over the threads; a block of panel rows
-// stays in L1 while every rank writes into it.
+// The packed-shrink panels of lora_a[cluster] ([rank, d_in] rows). Only ranks < rank are written:
+// the padding (ranks up to `stride`, an odd d_in's last d + 1) is left as the caller zeroed it.
+// Blocks of d are split over the threads; a block of panel rows stays in L1 while every rank
+// writes into it.
+constexpr int64_t kPackBlock = 64;  // even, so a block holds whole pairs
+
+// PanelLayout::Float32Rows: panel[d * stride + k].
 template <typename Element>
-void pack_shrink_panel_as(const Element* lora_a, int64_t d_in, int64_t rank, int64_t cluster, int64_t stride,
-                          PanelLayout layout, void* panel, int num_threads) {
-  constexpr int64_t kBlock = 64;
-  const Element* a = lora_a + cluster * rank * d_in;
+void pack_rows_panel(const Element* a, int64_t d_in, int64_t rank, int64_t stride, float* panel, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t d0 = 0; d0 < d_in; d0 += kBlock) {
-    const int64_t d1 = std::min(d_in, d0 + kBlock);
-    for (int64_t k = 0; k < rank; ++k) {
-      const Element* row = a + k * d_in;
-      for (int64_t d = d0; d < d1; ++d) {
-        if (layout == PanelLayout::Bf16Pairs) {
-          if constexpr (std::is_same_v<Element, uint16_t>)
-            static_cast<uint16_t*>(panel)[(d / 2) * 2 * stride + 2 * k + (d & 1)] = row[d];
-        } else if constexpr (std::is_same_v<Element, float>) {
-          static_cast<float*>(panel)[d * stride + k] = row[d];
-        } else {
-          static_cast<float*>(panel)[d * stride + k] = bf16_to_float(row[d]);
-        }
-      }
-    }
+  for (int64_t d0 = 0; d0 < d_in; d0 += kPackBlock) {
+    const int64_t d1 = std::min(d_in, d0 + kPackBlock);
+    for (int64_t k = 0; k < rank; ++k)
+      for (int64_t d = d0; d < d1; ++d) panel[d * stride + k] = as_float(a[k * d_in + d]);
+  }
+}
+
+// PanelLayout::Bf16Pairs: panel[(d / 2) * 2 * stride + 2 * k + d % 2].
+void pack_pairs_panel(const uint16_t* a, int64_t d_in, int64_t rank, int64_t stride, uint16_t* panel,
+                      int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t d0 = 0; d0 < d_in; d0 += kPackBlock) {
+    const int64_t d1 = std::min(d_in, d0 + kPackBlock);
+    for (int64_t k = 0; k < rank; ++k)
+      for (int64_t d = d0; d < d1; ++d) panel[(d / 2) * 2 * stride + 2 * k + (d & 1)] = a[k * d_in + d];
   }
 }
 
@@ -179,13 +176,19 @@ void shrink_packed_group(const LoraProblem& p, const MicroKernels& kernels, cons
   const int64_t stride = (rank + 15) / 16 * 16;
   const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
   const int64_t panel_bytes = pairs ? (p.d_in + 1) / 2 * 2 * stride * 2 : p.d_in * stride * 4;
-  panel.assign(panel_bytes, 0);  // the zero padding (ranks past R, an odd d_in's last pair) is read
-  if (p.dtype == DType::Float32) {
-    pack_shrink_panel_as(static_cast<const float*>(p.lora_a), p.d_in, rank, group.cluster, stride,
-                         kernels.panel_layout, panel.data(), num_threads);
+  // Every group of a call has the same panel shape and writes the same non-padding entries, so
+  // the padding zeroed with the first group's allocation stays zero for the others.
+  if (panel.empty()) panel.assign(panel_bytes, 0);
+  const int64_t cluster_offset = group.cluster * rank * p.d_in;
+  if (pairs) {  // only the bf16 kernels with VDPBF16PS ask for pairs
+    pack_pairs_panel(static_cast<const uint16_t*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
+                     reinterpret_cast<uint16_t*>(panel.data()), num_threads);
+  } else if (p.dtype == DType::Float32) {
+    pack_rows_panel(static_cast<const float*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
+                    reinterpret_cast<float*>(panel.data()), num_threads);
   } else {
-    pack_shrink_panel_as(static_cast<const uint16_t*>(p.lora_a), p.d_in, rank, group.cluster, stride,
-                         kernels.panel_layout, panel.data(), num_threads);
+    pack_rows_panel(static_cast<const uint16_t*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
+                    reinterpret_cast<float*>(panel.data()), num_threads);
   }
   const int64_t element_size = element_size_of(p.dtype);
   const auto* x_bytes = static_cast<const char*>(p.x);
