@@ -53,6 +53,12 @@ struct MicroKernels {
   void (*shrink_packed)(const void* const* x_rows, const void* panel, int64_t stride, int64_t length,
                         int num_tokens, int num_ranks, float* h, int64_t h_stride);
   PanelLayout panel_layout;
+  // dst[c * dst_stride + r] = src(r, c) for r < rows, c < cols: row r of src starts at
+  // src + r * src_row_bytes and holds 32-bit words, or bf16 values widened to fp32 when
+  // widen_bf16. Packs the shrink and expand panels; the AVX-512 one moves 16 × 16 blocks
+  // through registers instead of one strided store per element.
+  void (*transpose)(const void* src, int64_t src_row_bytes, bool widen_bf16, int64_t rows, int64_t cols,
+                    uint32_t* dst, int64_t dst_stride);
 };
 
 MicroKernels scalar_kernels(bool bf16);

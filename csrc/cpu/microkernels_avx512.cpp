@@ -338,17 +338,79 @@ void shrink_packed_any(const void* const* x_rows, const void* panel, int64_t str
   Table[num_tokens - 1][(num_ranks + 15) / 16 - 1](x_rows, panel, stride, length, num_ranks, h, h_stride);
 }
 
+// Transposes 16 rows of 16 dwords in place: three rounds of interleaves, each doubling the size of
+// the transposed sub-blocks (1 -> 2 dwords, 2 -> 4, 4 -> 8 and 8 -> 16 across 128-bit lanes).
+inline void transpose_16x16(__m512i (&v)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // v[4q + j] now holds column j of every 4-row quarter q, one 128-bit lane per 4-column group.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+inline uint32_t load_word(const char* row, int64_t c, bool widen_bf16) {
+  if (widen_bf16) {
+    uint16_t bits;
+    __builtin_memcpy(&bits, row + 2 * c, sizeof(bits));
+    return static_cast<uint32_t>(bits) << 16;
+  }
+  uint32_t word;
+  __builtin_memcpy(&word, row + 4 * c, sizeof(word));
+  return word;
+}
+
+void transpose(const void* src, int64_t src_row_bytes, bool widen_bf16, int64_t rows, int64_t cols, uint32_t* dst,
+               int64_t dst_stride) {
+  const auto* bytes = static_cast<const char*>(src);
+  const int64_t full_rows = rows & ~int64_t{15}, full_cols = cols & ~int64_t{15};
+  for (int64_t r0 = 0; r0 < full_rows; r0 += 16) {
+    for (int64_t c0 = 0; c0 < full_cols; c0 += 16) {
+      __m512i block[16];
+      for (int i = 0; i < 16; ++i) {
+        const char* row = bytes + (r0 + i) * src_row_bytes;
+        block[i] = widen_bf16 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                      reinterpret_cast<const __m256i*>(row + 2 * c0))), 16)
+                              : _mm512_loadu_si512(row + 4 * c0);
+      }
+      transpose_16x16(block);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (c0 + i) * dst_stride + r0, block[i]);
+    }
+  }
+  // Edges past the last whole 16 x 16 block, one word at a time.
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = bytes + r * src_row_bytes;
+    for (int64_t c = r < full_rows ? full_cols : 0; c < cols; ++c) dst[c * dst_stride + r] = load_word(row, c, widen_bf16);
+  }
+}
+
 }  // namespace
 
 MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
   if (!bf16)
     return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>,
-            &shrink_packed_any<kPackedF32>, PanelLayout::Float32Rows};
+            &shrink_packed_any<kPackedF32>, PanelLayout::Float32Rows, &transpose};
   if (native_bf16_dot)
     return {&shrink_bf16_dot_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
-            &shrink_packed_any<kPackedBf16Dot>, PanelLayout::Bf16Pairs};
+            &shrink_packed_any<kPackedBf16Dot>, PanelLayout::Bf16Pairs, &transpose};
   return {&shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
-          &shrink_packed_any<kPackedBf16Widen>, PanelLayout::Float32Rows};
+          &shrink_packed_any<kPackedBf16Widen>, PanelLayout::Float32Rows, &transpose};
 }
 
 }  // namespace lola::cpu

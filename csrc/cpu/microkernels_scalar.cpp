@@ -80,14 +80,33 @@ void shrink_packed(const void* const* x_rows, const void* panel_data, int64_t st
   }
 }
 
+void transpose(const void* src, int64_t src_row_bytes, bool widen_bf16, int64_t rows, int64_t cols, uint32_t* dst,
+               int64_t dst_stride) {
+  const auto* bytes = static_cast<const char*>(src);
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = bytes + r * src_row_bytes;
+    for (int64_t c = 0; c < cols; ++c) {
+      uint32_t word;
+      if (widen_bf16) {
+        uint16_t bits;
+        __builtin_memcpy(&bits, row + 2 * c, sizeof(bits));
+        word = static_cast<uint32_t>(bits) << 16;
+      } else {
+        __builtin_memcpy(&word, row + 4 * c, sizeof(word));
+      }
+      dst[c * dst_stride + r] = word;
+    }
+  }
+}
+
 }  // namespace
 
 MicroKernels scalar_kernels(bool bf16) {
   if (bf16)
     return {&shrink<uint16_t>, &expand<uint16_t>, &expand_rows<uint16_t>, &sigma_full<uint16_t>,
-            &shrink_packed<uint16_t>, PanelLayout::Float32Rows};
+            &shrink_packed<uint16_t>, PanelLayout::Float32Rows, &transpose};
   return {&shrink<float>, &expand<float>, &expand_rows<float>, &sigma_full<float>, &shrink_packed<float>,
-          PanelLayout::Float32Rows};
+          PanelLayout::Float32Rows, &transpose};
 }
 
 }  // namespace lola::cpu

@@ -115,55 +115,40 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
   std::fill(g + true_rank, g + rank, 0.0f);
 }
 
-// A stored element as fp32; overloaded so the transpose loops compile without a per-element dtype branch.
-inline float as_float(float value) { return value; }
-inline float as_float(uint16_t bf16_bits) { return bf16_to_float(bf16_bits); }
-
 // panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out.
-template <typename Element>
-void pack_panel_as(const Element* lora_b, int64_t d_out, int64_t rank, int64_t cluster, int64_t col_begin,
-                   float* panel) {
-  const int64_t cols = std::min<int64_t>(kExpandCols, d_out - col_begin);
-  std::fill(panel, panel + rank * kExpandCols, 0.0f);
-  for (int64_t j = 0; j < cols; ++j) {
-    const Element* row = lora_b + (cluster * d_out + col_begin + j) * rank;
-    for (int64_t k = 0; k < rank; ++k) panel[k * kExpandCols + j] = as_float(row[k]);
-  }
+void pack_panel(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t col_begin, float* panel) {
+  const int64_t cols = std::min<int64_t>(kExpandCols, p.d_out - col_begin);
+  if (cols < kExpandCols) std::fill(panel, panel + p.rank * kExpandCols, 0.0f);
+  const int64_t element_size = element_size_of(p.dtype);
+  const char* rows = static_cast<const char*>(p.lora_b) + (cluster * p.d_out + col_begin) * p.rank * element_size;
+  kernels.transpose(rows, p.rank * element_size, p.dtype == DType::BFloat16, cols, p.rank,
+                    reinterpret_cast<uint32_t*>(panel), kExpandCols);
 }
 
-void pack_panel(const LoraProblem& p, int64_t cluster, int64_t col_begin, float* panel) {
-  if (p.dtype == DType::Float32) {
-    pack_panel_as(static_cast<const float*>(p.lora_b), p.d_out, p.rank, cluster, col_begin, panel);
-  } else {
-    pack_panel_as(static_cast<const uint16_t*>(p.lora_b), p.d_out, p.rank, cluster, col_begin, panel);
-  }
-}
+// The packed-shrink panel of lora_a[cluster] ([rank, d_in] rows) as 32-bit words: fp32 values
+// (Float32Rows, word d * stride + k) or bf16 pairs (Bf16Pairs, word (d / 2) * stride + k holds
+// lora_a[k, d..d + 1], which is one 32-bit word of the row already). Only ranks < rank are
+// written: the padding (ranks up to `stride`, an odd d_in's missing d + 1) is left as the caller
+// zeroed it. Blocks of columns are split over the threads.
+constexpr int64_t kPackBlock = 64;
 
-// The packed-shrink panels of lora_a[cluster] ([rank, d_in] rows). Only ranks < rank are written:
-// the padding (ranks up to `stride`, an odd d_in's last d + 1) is left as the caller zeroed it.
-// Blocks of d are split over the threads; a block of panel rows stays in L1 while every rank
-// writes into it.
-constexpr int64_t kPackBlock = 64;  // even, so a block holds whole pairs
-
-// PanelLayout::Float32Rows: panel[d * stride + k].
-template <typename Element>
-void pack_rows_panel(const Element* a, int64_t d_in, int64_t rank, int64_t stride, float* panel, int num_threads) {
+void pack_shrink_panel(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t stride,
+                       uint32_t* panel, int num_threads) {
+  const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
+  const int64_t element_size = element_size_of(p.dtype);
+  const char* a = static_cast<const char*>(p.lora_a) + cluster * p.rank * p.d_in * element_size;
+  const int64_t row_bytes = p.d_in * element_size;
+  const int64_t words = pairs ? p.d_in / 2 : p.d_in;  // whole words per row
+  const int64_t word_bytes = pairs ? 4 : element_size;
+  const bool widen = !pairs && p.dtype == DType::BFloat16;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t d0 = 0; d0 < d_in; d0 += kPackBlock) {
-    const int64_t d1 = std::min(d_in, d0 + kPackBlock);
-    for (int64_t k = 0; k < rank; ++k)
-      for (int64_t d = d0; d < d1; ++d) panel[d * stride + k] = as_float(a[k * d_in + d]);
+  for (int64_t w0 = 0; w0 < words; w0 += kPackBlock) {
+    kernels.transpose(a + w0 * word_bytes, row_bytes, widen, p.rank, std::min(kPackBlock, words - w0),
+                      panel + w0 * stride, stride);
   }
-}
-
-// PanelLayout::Bf16Pairs: panel[(d / 2) * 2 * stride + 2 * k + d % 2].
-void pack_pairs_panel(const uint16_t* a, int64_t d_in, int64_t rank, int64_t stride, uint16_t* panel,
-                      int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t d0 = 0; d0 < d_in; d0 += kPackBlock) {
-    const int64_t d1 = std::min(d_in, d0 + kPackBlock);
-    for (int64_t k = 0; k < rank; ++k)
-      for (int64_t d = d0; d < d1; ++d) panel[(d / 2) * 2 * stride + 2 * k + (d & 1)] = a[k * d_in + d];
+  if (pairs && p.d_in % 2 == 1) {  // the last pair holds lora_a[k, d_in - 1] and a zero
+    const auto* a16 = reinterpret_cast<const uint16_t*>(a);
+    for (int64_t k = 0; k < p.rank; ++k) panel[words * stride + k] = a16[k * p.d_in + p.d_in - 1];
   }
 }
 
@@ -179,17 +164,7 @@ void shrink_packed_group(const LoraProblem& p, const MicroKernels& kernels, cons
   // Every group of a call has the same panel shape and writes the same non-padding entries, so
   // the padding zeroed with the first group's allocation stays zero for the others.
   if (panel.empty()) panel.assign(panel_bytes, 0);
-  const int64_t cluster_offset = group.cluster * rank * p.d_in;
-  if (pairs) {  // only the bf16 kernels with VDPBF16PS ask for pairs
-    pack_pairs_panel(static_cast<const uint16_t*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
-                     reinterpret_cast<uint16_t*>(panel.data()), num_threads);
-  } else if (p.dtype == DType::Float32) {
-    pack_rows_panel(static_cast<const float*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
-                    reinterpret_cast<float*>(panel.data()), num_threads);
-  } else {
-    pack_rows_panel(static_cast<const uint16_t*>(p.lora_a) + cluster_offset, p.d_in, rank, stride,
-                    reinterpret_cast<float*>(panel.data()), num_threads);
-  }
+  pack_shrink_panel(p, kernels, group.cluster, stride, reinterpret_cast<uint32_t*>(panel.data()), num_threads);
   const int64_t element_size = element_size_of(p.dtype);
   const auto* x_bytes = static_cast<const char*>(p.x);
   const int64_t tiles = (group.end - group.begin + kPackedTokens - 1) / kPackedTokens;
@@ -296,7 +271,7 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
       const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
       const bool from_rows = group.end - group.begin <= kRowExpandTokens;
       const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
-      if (!from_rows) pack_panel(p, group.cluster, item.col_begin, panel.data());
+      if (!from_rows) pack_panel(p, kernels, group.cluster, item.col_begin, panel.data());
       for (int64_t i = group.begin; i < group.end; i += tile) {
         const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
         void* out_rows[kExpandTokens];
