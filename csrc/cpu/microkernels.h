@@ -30,6 +30,8 @@ constexpr int kPackedShrinkMinTokens = 24;
 //   Float32Rows: fp32 panel[d * stride + k];
 //   Bf16Pairs:   bf16 panel[(d / 2) * 2 * stride + 2 * k + d % 2], the operand layout of VDPBF16PS
 //                (zero past d_in when d_in is odd).
+// Bf16Pairs also means the expand runs on VDPBF16PS: g is rounded to bf16 first, as PEFT rounds
+// its rank-r intermediate in bf16.
 enum class PanelLayout : int { Float32Rows = 0, Bf16Pairs = 1 };
 
 struct MicroKernels {
@@ -37,13 +39,16 @@ struct MicroKernels {
   // for i < num_tokens (≤ kShrinkTokens), k < num_ranks (≤ kShrinkRanks): one d_in chunk.
   void (*shrink)(const void* const* x_rows, const void* a_rows, int64_t a_stride, int64_t length,
                  int num_tokens, int num_ranks, float* h, int64_t h_stride);
-  // out_rows[i][j] += Σ_k g[i * g_stride + k] · panel[k * kExpandCols + j], one rounding,
-  // for i < num_tokens (≤ kExpandTokens), j < num_cols (≤ kExpandCols); panel is fp32.
-  void (*expand)(const float* g, int64_t g_stride, const float* panel, int64_t rank,
+  // out_rows[i][j] += Σ_k g[i * g_stride + k] · panel(k, j), one rounding, for i < num_tokens
+  // (≤ kExpandTokens), j < num_cols (≤ kExpandCols). With Float32Rows g is fp32 and the panel is
+  // fp32 panel[k * kExpandCols + j]; with Bf16Pairs g is bf16 (an even g_stride, zero past rank)
+  // and the panel holds bf16 pairs, word (k / 2) * kExpandCols + j = (lora_b[j, k], lora_b[j, k + 1]).
+  void (*expand)(const void* g, int64_t g_stride, const void* panel, int64_t rank,
                  void* const* out_rows, int num_tokens, int num_cols);
   // out_rows[i][j] += Σ_k g[i * g_stride + k] · b_rows[j * rank + k], one rounding,
-  // for i < num_tokens (≤ kRowExpandTokens), j < num_cols (≤ kExpandCols); b_rows in the op's dtype.
-  void (*expand_rows)(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+  // for i < num_tokens (≤ kRowExpandTokens), j < num_cols (≤ kExpandCols); b_rows in the op's
+  // dtype, g as for expand.
+  void (*expand_rows)(const void* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
                       int num_tokens, int num_cols);
   // g[j] = Σ_{k < true_rank} sigma_rows[j * rank + k] · h[k] for j < rank (one adapter's full Σ).
   void (*sigma_full)(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g);

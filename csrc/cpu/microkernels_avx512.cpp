@@ -6,7 +6,8 @@
 // expand: a packed fp32 panel of lora_b (R × 32 columns) times up to 6 tokens' g rows, i.e. an
 //         outer-product update of 6 × 32 accumulators per rank step.
 // bf16 inputs use VDPBF16PS (pairs of bf16 products summed into fp32) where the CPU has it, else
-// they are widened to fp32; accumulation is fp32 either way.
+// they are widened to fp32; accumulation is fp32 either way. With VDPBF16PS the expand's g is
+// rounded to bf16 first (PEFT's bf16 path rounds its intermediate the same way).
 #include <immintrin.h>
 
 #include "microkernels.h"
@@ -131,20 +132,9 @@ void shrink_bf16_dot_any(const void* const* x_rows, const void* a_rows, int64_t 
   kShrinkBf16Dot[num_tokens - 1][num_ranks - 1](x_rows, a_rows, a_stride, d_in, h, h_stride);
 }
 
+// Adds a tile's 32-column sums into its output rows (one rounding).
 template <int Tokens, bool Bf16>
-void expand_tile(const float* g, int64_t g_stride, const float* panel, int64_t rank, void* const* out_rows,
-                 int num_cols) {
-  __m512 acc[Tokens][2];
-  for (int i = 0; i < Tokens; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < rank; ++k) {
-    const __m512 low = _mm512_loadu_ps(panel + k * kExpandCols);
-    const __m512 high = _mm512_loadu_ps(panel + k * kExpandCols + 16);
-    for (int i = 0; i < Tokens; ++i) {
-      const __m512 coefficient = _mm512_set1_ps(g[i * g_stride + k]);
-      acc[i][0] = _mm512_fmadd_ps(coefficient, low, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(coefficient, high, acc[i][1]);
-    }
-  }
+inline void add_tile_to_rows(__m512 (&acc)[Tokens][2], void* const* out_rows, int num_cols) {
   const __mmask16 masks[2] = {low_mask16(num_cols), low_mask16(num_cols > 16 ? num_cols - 16 : 0)};
   for (int i = 0; i < Tokens; ++i) {
     for (int half = 0; half < 2; ++half) {
@@ -162,14 +152,64 @@ void expand_tile(const float* g, int64_t g_stride, const float* panel, int64_t r
   }
 }
 
-using ExpandTile = void (*)(const float*, int64_t, const float*, int64_t, void* const*, int);
+template <int Tokens, bool Bf16>
+void expand_tile(const void* g_rows, int64_t g_stride, const void* panel_data, int64_t rank, void* const* out_rows,
+                 int num_cols) {
+  const float* g = static_cast<const float*>(g_rows);
+  const float* panel = static_cast<const float*>(panel_data);
+  __m512 acc[Tokens][2];
+  for (int i = 0; i < Tokens; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < rank; ++k) {
+    const __m512 low = _mm512_loadu_ps(panel + k * kExpandCols);
+    const __m512 high = _mm512_loadu_ps(panel + k * kExpandCols + 16);
+    for (int i = 0; i < Tokens; ++i) {
+      const __m512 coefficient = _mm512_set1_ps(g[i * g_stride + k]);
+      acc[i][0] = _mm512_fmadd_ps(coefficient, low, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(coefficient, high, acc[i][1]);
+    }
+  }
+  add_tile_to_rows<Tokens, Bf16>(acc, out_rows, num_cols);
+}
+
+// bf16 pairs: per pair of ranks, one VDPBF16PS of the token's (g[k], g[k + 1]) with 32 columns'
+// pairs of lora_b, so a rank step costs half the instructions of the fp32 tile.
+template <int Tokens>
+__attribute__((target("avx512bf16"))) void expand_tile_dot(const void* g_rows, int64_t g_stride,
+                                                          const void* panel_data, int64_t rank,
+                                                          void* const* out_rows, int num_cols) {
+  const uint16_t* g = static_cast<const uint16_t*>(g_rows);
+  const uint32_t* panel = static_cast<const uint32_t*>(panel_data);
+  __m512 acc[Tokens][2];
+  for (int i = 0; i < Tokens; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < (rank + 1) / 2; ++pair) {
+    const __m512i low = _mm512_loadu_si512(panel + pair * kExpandCols);
+    const __m512i high = _mm512_loadu_si512(panel + pair * kExpandCols + 16);
+    for (int i = 0; i < Tokens; ++i) {
+      int32_t both;
+      __builtin_memcpy(&both, g + i * g_stride + 2 * pair, sizeof(both));
+      const __m512i coefficients = _mm512_set1_epi32(both);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)low, (__m512bh)coefficients);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)high, (__m512bh)coefficients);
+    }
+  }
+  add_tile_to_rows<Tokens, true>(acc, out_rows, num_cols);
+}
+
+using ExpandTile = void (*)(const void*, int64_t, const void*, int64_t, void* const*, int);
 
 template <bool Bf16>
-void expand_any(const float* g, int64_t g_stride, const float* panel, int64_t rank, void* const* out_rows,
+void expand_any(const void* g, int64_t g_stride, const void* panel, int64_t rank, void* const* out_rows,
                 int num_tokens, int num_cols) {
   static const ExpandTile kTiles[kExpandTokens] = {
       &expand_tile<1, Bf16>, &expand_tile<2, Bf16>, &expand_tile<3, Bf16>,
       &expand_tile<4, Bf16>, &expand_tile<5, Bf16>, &expand_tile<6, Bf16>};
+  kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
+}
+
+void expand_dot_any(const void* g, int64_t g_stride, const void* panel, int64_t rank, void* const* out_rows,
+                    int num_tokens, int num_cols) {
+  static const ExpandTile kTiles[kExpandTokens] = {&expand_tile_dot<1>, &expand_tile_dot<2>, &expand_tile_dot<3>,
+                                                   &expand_tile_dot<4>, &expand_tile_dot<5>, &expand_tile_dot<6>};
   kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
 }
 
@@ -201,8 +241,9 @@ inline __m512 load_row_chunk(const void* rows, int64_t index, __mmask16 mask) {
 
 // Each lora_b row is loaded once (contiguous in k) and dotted with every token's g.
 template <bool Bf16>
-void expand_rows(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+void expand_rows(const void* g_rows, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
                  int num_tokens, int num_cols) {
+  const float* g = static_cast<const float*>(g_rows);
   float sums[kRowExpandTokens][kExpandCols];
   for (int j = 0; j < num_cols; ++j) {
     __m512 acc[kRowExpandTokens] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -215,6 +256,26 @@ void expand_rows(const float* g, int64_t g_stride, const void* b_rows, int64_t r
     for (int i = 0; i < num_tokens; ++i) sums[i][j] = _mm512_reduce_add_ps(acc[i]);
   }
   for (int i = 0; i < num_tokens; ++i) add_to_row<Bf16>(out_rows[i], sums[i], num_cols);
+}
+
+// The same with bf16 g and VDPBF16PS over 32 ranks per step.
+__attribute__((target("avx512bf16"))) void expand_rows_dot(const void* g_rows, int64_t g_stride, const void* b_rows,
+                                                          int64_t rank, void* const* out_rows, int num_tokens,
+                                                          int num_cols) {
+  const uint16_t* g = static_cast<const uint16_t*>(g_rows);
+  const uint16_t* b = static_cast<const uint16_t*>(b_rows);
+  float sums[kRowExpandTokens][kExpandCols];
+  for (int j = 0; j < num_cols; ++j) {
+    __m512 acc[kRowExpandTokens] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t k = 0; k < rank; k += 32) {
+      const __mmask32 mask = low_mask32(rank - k);
+      const __m512i row = _mm512_maskz_loadu_epi16(mask, b + j * rank + k);
+      for (int i = 0; i < num_tokens; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)row, (__m512bh)_mm512_maskz_loadu_epi16(mask, g + i * g_stride + k));
+    }
+    for (int i = 0; i < num_tokens; ++i) sums[i][j] = _mm512_reduce_add_ps(acc[i]);
+  }
+  for (int i = 0; i < num_tokens; ++i) add_to_row<true>(out_rows[i], sums[i], num_cols);
 }
 
 // One row of Σ per output j, 16 k's per step; h stays in registers for R <= 64.
@@ -407,7 +468,7 @@ MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
     return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>,
             &shrink_packed_any<kPackedF32>, PanelLayout::Float32Rows, &transpose};
   if (native_bf16_dot)
-    return {&shrink_bf16_dot_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
+    return {&shrink_bf16_dot_any, &expand_dot_any, &expand_rows_dot, &sigma_full<true>,
             &shrink_packed_any<kPackedBf16Dot>, PanelLayout::Bf16Pairs, &transpose};
   return {&shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
           &shrink_packed_any<kPackedBf16Widen>, PanelLayout::Float32Rows, &transpose};

@@ -30,8 +30,10 @@ void shrink(const void* const* x_rows, const void* a_rows, int64_t a_stride, int
 }
 
 template <typename Element>
-void expand(const float* g, int64_t g_stride, const float* panel, int64_t rank,
+void expand(const void* g_rows, int64_t g_stride, const void* panel_data, int64_t rank,
             void* const* out_rows, int num_tokens, int num_cols) {
+  const auto* g = static_cast<const float*>(g_rows);
+  const auto* panel = static_cast<const float*>(panel_data);
   for (int i = 0; i < num_tokens; ++i) {
     auto* out = static_cast<Element*>(out_rows[i]);
     for (int j = 0; j < num_cols; ++j) {
@@ -43,8 +45,9 @@ void expand(const float* g, int64_t g_stride, const float* panel, int64_t rank,
 }
 
 template <typename Element>
-void expand_rows(const float* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+void expand_rows(const void* g_rows, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
                  int num_tokens, int num_cols) {
+  const auto* g = static_cast<const float*>(g_rows);
   const auto* b = static_cast<const Element*>(b_rows);
   for (int i = 0; i < num_tokens; ++i) {
     auto* out = static_cast<Element*>(out_rows[i]);

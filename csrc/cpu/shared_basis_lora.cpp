@@ -115,75 +115,91 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
   std::fill(g + true_rank, g + rank, 0.0f);
 }
 
-// panel[k][j] = lora_b[cluster, col_begin + j, k] as fp32, zero past d_out.
-void pack_panel(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t col_begin, float* panel) {
+// The expand panel of lora_b[cluster, col_begin : col_begin + 32, :] in the kernels' layout (see
+// MicroKernels::expand): fp32 panel[k * 32 + j], or bf16 pairs of ranks, zero past d_out (and
+// past an odd rank).
+void pack_expand_panel(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t col_begin,
+                       uint32_t* panel) {
+  const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
   const int64_t cols = std::min<int64_t>(kExpandCols, p.d_out - col_begin);
-  if (cols < kExpandCols) std::fill(panel, panel + p.rank * kExpandCols, 0.0f);
+  const int64_t words = pairs ? p.rank / 2 : p.rank;  // whole words per lora_b row
+  const int64_t panel_rows = pairs ? (p.rank + 1) / 2 : p.rank;
+  if (cols < kExpandCols) std::fill(panel, panel + panel_rows * kExpandCols, 0u);
   const int64_t element_size = element_size_of(p.dtype);
   const char* rows = static_cast<const char*>(p.lora_b) + (cluster * p.d_out + col_begin) * p.rank * element_size;
-  kernels.transpose(rows, p.rank * element_size, p.dtype == DType::BFloat16, cols, p.rank,
-                    reinterpret_cast<uint32_t*>(panel), kExpandCols);
+  kernels.transpose(rows, p.rank * element_size, !pairs && p.dtype == DType::BFloat16, cols, words, panel,
+                    kExpandCols);
+  if (pairs && p.rank % 2 == 1) {
+    const auto* b16 = reinterpret_cast<const uint16_t*>(rows);
+    for (int64_t j = 0; j < cols; ++j) panel[words * kExpandCols + j] = b16[j * p.rank + p.rank - 1];
+  }
 }
 
-// The packed-shrink panel of lora_a[cluster] ([rank, d_in] rows) as 32-bit words: fp32 values
-// (Float32Rows, word d * stride + k) or bf16 pairs (Bf16Pairs, word (d / 2) * stride + k holds
-// lora_a[k, d..d + 1], which is one 32-bit word of the row already). Only ranks < rank are
-// written: the padding (ranks up to `stride`, an odd d_in's missing d + 1) is left as the caller
-// zeroed it. Blocks of columns are split over the threads.
-constexpr int64_t kPackBlock = 64;
-
-void pack_shrink_panel(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t stride,
-                       uint32_t* panel, int num_threads) {
+// One d_in chunk [d_begin, d_begin + length) of the packed-shrink panel of lora_a[cluster]
+// ([rank, d_in] rows) as 32-bit words: fp32 values (Float32Rows, word (d - d_begin) * stride + k)
+// or bf16 pairs (Bf16Pairs, word (d - d_begin) / 2 * stride + k holds lora_a[k, d..d + 1], which
+// is one 32-bit word of the row already; d_begin is even). Ranks past `rank` are left as the
+// caller zeroed them.
+void pack_shrink_chunk(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t d_begin,
+                       int64_t length, int64_t stride, uint32_t* panel) {
   const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
   const int64_t element_size = element_size_of(p.dtype);
-  const char* a = static_cast<const char*>(p.lora_a) + cluster * p.rank * p.d_in * element_size;
-  const int64_t row_bytes = p.d_in * element_size;
-  const int64_t words = pairs ? p.d_in / 2 : p.d_in;  // whole words per row
-  const int64_t word_bytes = pairs ? 4 : element_size;
-  const bool widen = !pairs && p.dtype == DType::BFloat16;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t w0 = 0; w0 < words; w0 += kPackBlock) {
-    kernels.transpose(a + w0 * word_bytes, row_bytes, widen, p.rank, std::min(kPackBlock, words - w0),
-                      panel + w0 * stride, stride);
-  }
-  if (pairs && p.d_in % 2 == 1) {  // the last pair holds lora_a[k, d_in - 1] and a zero
+  const char* a = static_cast<const char*>(p.lora_a) + (cluster * p.rank * p.d_in + d_begin) * element_size;
+  const int64_t words = pairs ? length / 2 : length;  // whole words per row
+  kernels.transpose(a, p.d_in * element_size, !pairs && p.dtype == DType::BFloat16, p.rank, words, panel, stride);
+  if (pairs && length % 2 == 1) {  // an odd d_in's last pair holds lora_a[k, d_in - 1] and a zero
     const auto* a16 = reinterpret_cast<const uint16_t*>(a);
-    for (int64_t k = 0; k < p.rank; ++k) panel[words * stride + k] = a16[k * p.d_in + p.d_in - 1];
+    for (int64_t k = 0; k < p.rank; ++k) panel[words * stride + k] = a16[k * p.d_in + length - 1];
   }
 }
 
-// The shrink of one large group: pack lora_a[cluster] once, then each thread takes a contiguous
-// run of token tiles and walks d_in in chunks, so a chunk of the panel is reused from L2 by all of
-// its tiles.
-void shrink_packed_group(const LoraProblem& p, const MicroKernels& kernels, const Group& group,
-                         const std::vector<int64_t>& order, std::vector<char>& panel, float* h, int num_threads) {
+// The shrink of the large groups. The token tiles of all of them are split into one contiguous
+// run per thread; for each group in its run, a thread transposes lora_a[cluster] one d_in chunk at
+// a time into its own panel (which stays in L2) and passes all of its tiles of that group over
+// it. No thread waits on another, and no panel goes out to memory and back.
+void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, const std::vector<Group>& groups,
+                          const std::vector<int64_t>& order, float* h, int num_threads) {
+  struct Run { int64_t group, first_tile, tile_count; };
+  std::vector<Run> tiles_of;  // every packed group's tiles, in group order
+  int64_t total_tiles = 0;
+  for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
+    const int64_t tokens = groups[gi].end - groups[gi].begin;
+    if (tokens < kPackedShrinkMinTokens) continue;
+    const int64_t count = (tokens + kPackedTokens - 1) / kPackedTokens;
+    tiles_of.push_back({gi, total_tiles, count});
+    total_tiles += count;
+  }
+  if (total_tiles == 0) return;
   const int64_t rank = p.rank;
   const int64_t stride = (rank + 15) / 16 * 16;
   const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
-  const int64_t panel_bytes = pairs ? (p.d_in + 1) / 2 * 2 * stride * 2 : p.d_in * stride * 4;
-  // Every group of a call has the same panel shape and writes the same non-padding entries, so
-  // the padding zeroed with the first group's allocation stays zero for the others.
-  if (panel.empty()) panel.assign(panel_bytes, 0);
-  pack_shrink_panel(p, kernels, group.cluster, stride, reinterpret_cast<uint32_t*>(panel.data()), num_threads);
   const int64_t element_size = element_size_of(p.dtype);
   const auto* x_bytes = static_cast<const char*>(p.x);
-  const int64_t tiles = (group.end - group.begin + kPackedTokens - 1) / kPackedTokens;
-#pragma omp parallel num_threads(num_threads)
+  const int threads = static_cast<int>(std::min<int64_t>(num_threads, total_tiles));
+#pragma omp parallel num_threads(threads)
   {
-    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t first = tiles * thread / threads, last = tiles * (thread + 1) / threads;
-    for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
-      const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
-      for (int64_t k = 0; k < rank; k += kPackedRanks) {
-        const int ranks = static_cast<int>(std::min<int64_t>(kPackedRanks, rank - k));
-        const char* panel_at = panel.data() + (pairs ? (chunk * stride + 2 * k) * 2 : (chunk * stride + k) * 4);
-        for (int64_t tile = first; tile < last; ++tile) {
-          const int64_t begin = group.begin + tile * kPackedTokens;
-          const int tokens = static_cast<int>(std::min<int64_t>(kPackedTokens, group.end - begin));
-          const void* x_rows[kPackedTokens];
-          for (int i = 0; i < tokens; ++i)
-            x_rows[i] = x_bytes + (order[begin + i] * p.x_row_stride + chunk) * element_size;
-          kernels.shrink_packed(x_rows, panel_at, stride, length, tokens, ranks, h + begin * rank + k, rank);
+    const int64_t count = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t first = total_tiles * thread / count, last = total_tiles * (thread + 1) / count;
+    std::vector<uint32_t> panel((pairs ? kShrinkChunk / 2 : kShrinkChunk) * stride, 0u);
+    for (const Run& run : tiles_of) {
+      const int64_t begin_tile = std::max(first, run.first_tile) - run.first_tile;
+      const int64_t end_tile = std::min(last, run.first_tile + run.tile_count) - run.first_tile;
+      if (begin_tile >= end_tile) continue;
+      const Group& group = groups[run.group];
+      for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
+        const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
+        pack_shrink_chunk(p, kernels, group.cluster, chunk, length, stride, panel.data());
+        for (int64_t k = 0; k < rank; k += kPackedRanks) {
+          const int ranks = static_cast<int>(std::min<int64_t>(kPackedRanks, rank - k));
+          const uint32_t* panel_at = panel.data() + k;  // one word per rank in either layout
+          for (int64_t tile = begin_tile; tile < end_tile; ++tile) {
+            const int64_t begin = group.begin + tile * kPackedTokens;
+            const int tokens = static_cast<int>(std::min<int64_t>(kPackedTokens, group.end - begin));
+            const void* x_rows[kPackedTokens];
+            for (int i = 0; i < tokens; ++i)
+              x_rows[i] = x_bytes + (order[begin + i] * p.x_row_stride + chunk) * element_size;
+            kernels.shrink_packed(x_rows, panel_at, stride, length, tokens, ranks, h + begin * rank + k, rank);
+          }
         }
       }
     }
@@ -213,13 +229,9 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
 
   std::vector<float> h(active * rank, 0.0f), g(active * rank, 0.0f);
 
-  // Shrink of large groups: a packed panel per group (see shrink_packed_group).
+  // Shrink of large groups: lora_a[cluster] transposed chunk by chunk (see shrink_packed_groups).
   const auto packed = [&](const Group& group) { return group.end - group.begin >= kPackedShrinkMinTokens; };
-  if (rank > 0 && p.d_in > 0) {
-    std::vector<char> panel;
-    for (const Group& group : groups)
-      if (packed(group)) shrink_packed_group(p, kernels, group, order, panel, h.data(), num_threads);
-  }
+  if (rank > 0 && p.d_in > 0) shrink_packed_groups(p, kernels, groups, order, h.data(), num_threads);
   // Shrink of the other groups: each item owns a token tile and walks d_in in chunks, passing
   // every rank tile of the chunk over the same x rows (kept in L1). With few token tiles (decode)
   // the ranks are split across items too, so every thread has work.
@@ -257,13 +269,24 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   for (int64_t i = 0; i < active; ++i)
     apply_sigma(p, kernels, p.ids[order[i]], h.data() + i * rank, g.data() + i * rank);
 
+  // The bf16-pair kernels take g as bf16 pairs (round to nearest even, zero past the rank).
+  const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
+  const int64_t g_stride = pairs ? (rank + 1) / 2 * 2 : rank;
+  std::vector<uint16_t> g_bf16(pairs ? active * g_stride : 0, 0);
+  if (pairs) {
+    for (int64_t i = 0; i < active; ++i)
+      for (int64_t k = 0; k < rank; ++k) g_bf16[i * g_stride + k] = float_to_bf16(g[i * rank + k]);
+  }
+  const char* g_rows = pairs ? reinterpret_cast<const char*>(g_bf16.data()) : reinterpret_cast<const char*>(g.data());
+  const int64_t g_element_size = pairs ? 2 : 4;
+
   // Expand: each item packs one panel of lora_b once and reuses it for every token of its group.
   std::vector<ExpandItem> expand_items;
   for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
     for (int64_t col = 0; col < p.d_out; col += kExpandCols) expand_items.push_back({gi, col});
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> panel(std::max<int64_t>(rank, 1) * kExpandCols);
+    std::vector<uint32_t> panel(std::max<int64_t>(rank, 1) * kExpandCols);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t w = 0; w < static_cast<int64_t>(expand_items.size()); ++w) {
       const ExpandItem item = expand_items[w];
@@ -271,18 +294,19 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
       const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
       const bool from_rows = group.end - group.begin <= kRowExpandTokens;
       const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
-      if (!from_rows) pack_panel(p, kernels, group.cluster, item.col_begin, panel.data());
+      if (!from_rows) pack_expand_panel(p, kernels, group.cluster, item.col_begin, panel.data());
       for (int64_t i = group.begin; i < group.end; i += tile) {
         const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
         void* out_rows[kExpandTokens];
         for (int t = 0; t < tokens; ++t)
           out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
+        const char* g_at = g_rows + i * g_stride * g_element_size;
         if (from_rows) {
           const char* b_rows = static_cast<const char*>(p.lora_b) +
                                (group.cluster * p.d_out + item.col_begin) * rank * element_size;
-          kernels.expand_rows(g.data() + i * rank, rank, b_rows, rank, out_rows, tokens, cols);
+          kernels.expand_rows(g_at, g_stride, b_rows, rank, out_rows, tokens, cols);
         } else {
-          kernels.expand(g.data() + i * rank, rank, panel.data(), rank, out_rows, tokens, cols);
+          kernels.expand(g_at, g_stride, panel.data(), rank, out_rows, tokens, cols);
         }
       }
     }
