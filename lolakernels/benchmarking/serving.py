@@ -14,6 +14,7 @@ new tokens (B × new_tokens, prefill included in the time) per second of ``gener
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,12 +187,29 @@ def markdown_table(rows: list[dict], machine: str) -> str:
     for r in rows:
         reference = single.get((r["dtype"], r["batch"]))
         relative = f"{100 * r['bank_tokens_per_s'] / reference:.0f}%" if reference else "–"
+        compress = f"{r['compress_seconds']:.1f}" if "compress_seconds" in r else "–"
+        marker = " †" if r.get("transcribed_from_output") else ""
         lines.append(
-            f"| {r['dtype']} | {r['adapters']} | {r['batch']} | {r['adapter_rank']} | {r['bank_rank']} "
+            f"| {r['dtype']}{marker} | {r['adapters']} | {r['batch']} | {r['adapter_rank']} | {r['bank_rank']} "
             f"| {r['peft_tokens_per_s']:.1f} | {r['accelerate_tokens_per_s']:.1f} | {r['bank_tokens_per_s']:.1f} "
-            f"| {r['accelerate_speedup_vs_peft']:.2f}× | {r['bank_speedup_vs_peft']:.2f}× | {relative} "
-            f"| {r['compress_seconds']:.1f} |")
+            f"| {r['accelerate_tokens_per_s'] / r['peft_tokens_per_s']:.2f}× "
+            f"| {r['bank_tokens_per_s'] / r['peft_tokens_per_s']:.2f}× | {relative} | {compress} |")
+    if any(r.get("transcribed_from_output") for r in rows):
+        lines += ["", "† transcribed from the lines an earlier run printed (it was stopped before writing its files)."]
     return "\n".join(lines) + "\n"
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a configuration's row when results of several runs are merged."""
+    return tuple(row[field] for field in Config.__dataclass_fields__)
+
+
+def merged_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """``previous`` with the rows of ``new`` replacing those of the same configuration, sorted by
+    dtype (fp32 first), batch and N."""
+    by_key = {row_key(r): r for r in previous if all(f in r for f in Config.__dataclass_fields__)}
+    by_key.update({row_key(r): r for r in new})
+    return sorted(by_key.values(), key=lambda r: (r["dtype"] != "float32", r["dtype"], r["batch"], r["adapters"]))
 
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
@@ -218,9 +236,11 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
-def run(configs: list[Config], out_dir: Optional[Path], *, stem: str = "serving_smollm2", model=None,
+def run(configs: list[Config], out_dir: Optional[Path], *, stem: str = "serving_smollm2_cpu", model=None,
         progress: bool = True) -> tuple[list[dict], str]:
-    """Runs every config; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
+    """Runs every config; returns (rows, markdown). With ``out_dir``, writes <stem>.json/.md/.png
+    there after each config, merged with the rows an earlier run left in <stem>.json (a rerun of a
+    configuration replaces its row)."""
     from .. import models
 
     if model is None:
@@ -229,15 +249,18 @@ def run(configs: list[Config], out_dir: Optional[Path], *, stem: str = "serving_
             raise RuntimeError(f"the serving benchmark runs on SmolLM2-135M-Instruct: {reason}")
         model = models.load_smollm2(torch.float32)
     machine = machine_description()
+    previous = []
+    if out_dir is not None and (out_dir / f"{stem}.json").exists():
+        previous = json.loads((out_dir / f"{stem}.json").read_text()).get("rows", [])
     rows = []
     for index, cfg in enumerate(configs):
         if progress:
             print(f"[{index + 1}/{len(configs)}] {cfg}", flush=True)
         rows.append(run_config(cfg, model, progress))
-    table = markdown_table(rows, machine)
-    if out_dir is not None:
-        payload = {"machine": machine, "torch": torch.__version__, "lolakernels": lolakernels.__version__,
-                   "model": getattr(model.config, "name_or_path", None), "rows": rows}
-        write_results(out_dir, stem, payload, table)
-        plot(rows, out_dir / f"{stem}.png")
-    return rows, table
+        if out_dir is not None:  # after every configuration, so a run stopped early keeps what it measured
+            all_rows = merged_rows(previous, rows)
+            payload = {"machine": machine, "torch": torch.__version__, "lolakernels": lolakernels.__version__,
+                       "model": getattr(model.config, "name_or_path", None), "rows": all_rows}
+            write_results(out_dir, stem, payload, markdown_table(all_rows, machine))
+            plot(all_rows, out_dir / f"{stem}.png")
+    return rows, markdown_table(merged_rows(previous, rows) if out_dir is not None else rows, machine)

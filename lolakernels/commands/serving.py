@@ -22,7 +22,7 @@ def _bench_serving(args) -> int:
     if args.new_tokens:
         grid = [replace(cfg, new_tokens=args.new_tokens) for cfg in grid]
     out_dir = None if args.no_save else Path(args.out)
-    stem = args.stem or ("serving_quick" if args.quick else "serving_smollm2")
+    stem = args.stem or ("serving_quick" if args.quick else "serving_smollm2_cpu")
     _, table = serving.run(grid, out_dir, stem=stem)
     print(table)
     if out_dir is not None:
@@ -39,6 +39,6 @@ def register(commands, bench_suites) -> None:
     suite.add_argument("--batch", type=int, help="sequences per batch (default 256; quick: 8)")
     suite.add_argument("--new-tokens", type=int, help="tokens generated per sequence (default 8)")
     suite.add_argument("--out", default=str(DEFAULT_RESULTS), help="results folder (default benchmarks/results)")
-    suite.add_argument("--stem", help="file name stem of the results")
+    suite.add_argument("--stem", help="file name stem of the results; rows already there for other configurations are kept")
     suite.add_argument("--no-save", action="store_true", help="print only")
     suite.set_defaults(handler=_bench_serving)
