@@ -112,7 +112,9 @@ def shared_basis_lora(
             them once per step pass ``False``; shapes, dtypes and devices are always checked.
 
     All float tensors share one dtype (float32, float16, bfloat16; the CPU kernel takes float32
-    and bfloat16, other cases run on the reference); accumulation is fp32.
+    and bfloat16, other cases run on the reference); accumulation is fp32. On CPUs with
+    AVX512-BF16 the bf16 kernel rounds the rank-R vector ``Σ_a · lora_a[c] · x[t]`` (times the
+    scale) to bf16 before the expand, as PEFT's bf16 path rounds its intermediate.
     """
     device = x.device
     ids = _index_tensor(ids, device)
