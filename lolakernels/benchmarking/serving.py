@@ -130,7 +130,37 @@ def mixed_batch_generators(peft_model, served_model, bank, input_ids: torch.Tens
         with torch.no_grad():
             return served_model.generate(input_ids, adapter_ids=ids, **settings)
 
-    return {"peft": peft_mixed, "accelerate": accelerated, "bank": bank_served}
+    def bank_one_adapter():
+        with torch.no_grad():
+            return served_model.generate(input_ids, adapter_ids=[ids[0]] * len(ids), **settings)
+
+    return {"peft": peft_mixed, "accelerate": accelerated, "bank": bank_served, "bank_one_adapter": bank_one_adapter}
+
+
+def interleaved_generation_seconds(generators: dict[str, Callable[[], torch.Tensor]], rounds: int = 3) -> dict:
+    """Best wall time of each ``generate()`` over ``rounds`` rounds that run them in turn (after
+    one warm-up each), so that a ratio between them does not pick up the machine's slow phases."""
+    for generate in generators.values():
+        generate()
+    best = {name: float("inf") for name in generators}
+    for _ in range(rounds):
+        for name, generate in generators.items():
+            started = time.perf_counter()
+            generate()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def _contiguous_lm_head_input(model) -> None:
+    """Makes the output head's input contiguous. generate() feeds it the last position's slice
+    ``hidden[:, -1:, :]`` (strided); with torch 2.13 on the CPU, a bf16 ``F.linear`` on a strided
+    3-D input and a weight that does not require grad (a frozen model, as PEFT leaves it) expands
+    the weight over the batch and copies it — 25 s for SmolLM2's 49152 × 576 head at B = 256,
+    against 0.05 s on a contiguous input (pytorch/pytorch#151934: the bf16 bmm copies the
+    broadcast weight per batch). Applied to every method, so the table compares the adapters,
+    not that slow path."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 def run_config(cfg: Config, base_model, progress: bool = True) -> dict:
@@ -147,15 +177,19 @@ def run_config(cfg: Config, base_model, progress: bool = True) -> dict:
     bank = lolakernels.compress_adapters(adapters_of(peft_model, names), cfg.bank_rank, method="jd-full",
                                          progress=False)
     row["compress_seconds"] = time.perf_counter() - started
-    served = attach_bank(copy.deepcopy(base_model).to(dtype), bank)
+    served = attach_bank(copy.deepcopy(base_model).to(dtype).requires_grad_(False), bank)  # frozen, as PEFT's
+    _contiguous_lm_head_input(peft_model.get_base_model())
+    _contiguous_lm_head_input(served)
     generator = torch.Generator().manual_seed(cfg.adapters)
     input_ids = torch.randint(0, base_model.config.vocab_size, (cfg.batch, cfg.prompt_tokens), generator=generator)
     batch_names = [names[s % cfg.adapters] for s in range(cfg.batch)]
     methods = mixed_batch_generators(peft_model, served, bank, input_ids, batch_names, cfg.new_tokens)
-    outputs = {}
-    for name, generate in methods.items():
-        seconds = generation_seconds(generate)
-        outputs[name] = generate()
+    # The bank with N adapters and with one are timed in turn: "bank vs one adapter" is their ratio.
+    bank_methods = {name: methods.pop(name) for name in ("bank", "bank_one_adapter")}
+    timings = {name: generation_seconds(generate) for name, generate in methods.items()}
+    timings.update(interleaved_generation_seconds(bank_methods))
+    outputs = {name: generate() for name, generate in {**methods, "bank": bank_methods["bank"]}.items()}
+    for name, seconds in timings.items():
         row[f"{name}_seconds"] = seconds
         row[f"{name}_tokens_per_s"] = cfg.batch * cfg.new_tokens / seconds
         if progress:
@@ -165,6 +199,7 @@ def run_config(cfg: Config, base_model, progress: bool = True) -> dict:
     row["accelerate_same_tokens_as_peft"] = bool(torch.equal(outputs["accelerate"], outputs["peft"]))
     row["accelerate_speedup_vs_peft"] = row["accelerate_tokens_per_s"] / row["peft_tokens_per_s"]
     row["bank_speedup_vs_peft"] = row["bank_tokens_per_s"] / row["peft_tokens_per_s"]
+    row["bank_vs_one_adapter"] = row["bank_tokens_per_s"] / row["bank_one_adapter_tokens_per_s"]
     detach_bank(served)
     del peft_model, served
     return row
@@ -177,23 +212,28 @@ def markdown_table(rows: list[dict], machine: str) -> str:
         "Greedy generation of B sequences (sequence s uses adapter s mod N), new tokens per second of",
         "`generate()` (prefill included), best of 2 runs after a warm-up. Random rank-r adapters on all 7",
         "linear modules × 30 layers; the bank is JD-Full of the same adapters. `bank vs N=1` is the bank's",
-        "throughput relative to the same dtype and batch with a single adapter.",
+        "throughput relative to the same dtype and batch with a single adapter (N = 1 row); `bank vs one",
+        "adapter` relates it to the same bank serving one adapter for the whole batch, timed in turn with it",
+        "(best of 3 rounds each), which a slow phase of a shared machine cannot skew. Every method's output head",
+        "gets a contiguous input (torch 2.13's bf16 linear on generate()'s strided last-position slice",
+        "otherwise copies the head weight per sequence when the model is frozen: 25 s per prefill here).",
         "",
         "| dtype | N | B | r | R | PEFT mixed batch | accelerate | attach_bank | accelerate vs PEFT | bank vs PEFT "
-        "| bank vs N=1 | compress s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bank vs N=1 | bank vs one adapter | compress s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     single = {(r["dtype"], r["batch"]): r["bank_tokens_per_s"] for r in rows if r["adapters"] == 1}
     for r in rows:
         reference = single.get((r["dtype"], r["batch"]))
         relative = f"{100 * r['bank_tokens_per_s'] / reference:.0f}%" if reference else "–"
         compress = f"{r['compress_seconds']:.1f}" if "compress_seconds" in r else "–"
+        one_adapter = f"{100 * r['bank_vs_one_adapter']:.0f}%" if "bank_vs_one_adapter" in r else "–"
         marker = " †" if r.get("transcribed_from_output") else ""
         lines.append(
             f"| {r['dtype']}{marker} | {r['adapters']} | {r['batch']} | {r['adapter_rank']} | {r['bank_rank']} "
             f"| {r['peft_tokens_per_s']:.1f} | {r['accelerate_tokens_per_s']:.1f} | {r['bank_tokens_per_s']:.1f} "
             f"| {r['accelerate_tokens_per_s'] / r['peft_tokens_per_s']:.2f}× "
-            f"| {r['bank_tokens_per_s'] / r['peft_tokens_per_s']:.2f}× | {relative} | {compress} |")
+            f"| {r['bank_tokens_per_s'] / r['peft_tokens_per_s']:.2f}× | {relative} | {one_adapter} | {compress} |")
     if any(r.get("transcribed_from_output") for r in rows):
         lines += ["", "† transcribed from the lines an earlier run printed (it was stopped before writing its files)."]
     return "\n".join(lines) + "\n"
