@@ -40,6 +40,9 @@ struct Group {
   int64_t end;
 };
 
+// Whether a group's shrink runs on a packed panel (shrink_packed_groups) or on dot-product tiles.
+inline bool takes_packed_shrink(const Group& group) { return group.end - group.begin >= kPackedShrinkMinTokens; }
+
 // A tile of up to kShrinkTokens tokens of one group, over ranks [rank_begin, rank_end).
 struct ShrinkItem {
   int32_t group;
@@ -163,9 +166,8 @@ void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, con
   std::vector<Run> tiles_of;  // every packed group's tiles, in group order
   int64_t total_tiles = 0;
   for (int64_t gi = 0; gi < static_cast<int64_t>(groups.size()); ++gi) {
-    const int64_t tokens = groups[gi].end - groups[gi].begin;
-    if (tokens < kPackedShrinkMinTokens) continue;
-    const int64_t count = (tokens + kPackedTokens - 1) / kPackedTokens;
+    if (!takes_packed_shrink(groups[gi])) continue;
+    const int64_t count = (groups[gi].end - groups[gi].begin + kPackedTokens - 1) / kPackedTokens;
     tiles_of.push_back({gi, total_tiles, count});
     total_tiles += count;
   }
@@ -230,7 +232,6 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   std::vector<float> h(active * rank, 0.0f), g(active * rank, 0.0f);
 
   // Shrink of large groups: lora_a[cluster] transposed chunk by chunk (see shrink_packed_groups).
-  const auto packed = [&](const Group& group) { return group.end - group.begin >= kPackedShrinkMinTokens; };
   if (rank > 0 && p.d_in > 0) shrink_packed_groups(p, kernels, groups, order, h.data(), num_threads);
   // Shrink of the other groups: each item owns a token tile and walks d_in in chunks, passing
   // every rank tile of the chunk over the same x rows (kept in L1). With few token tiles (decode)
@@ -239,10 +240,10 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   if (rank > 0 && p.d_in > 0) {
     int64_t token_tiles = 0;
     for (const Group& group : groups)
-      if (!packed(group)) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
+      if (!takes_packed_shrink(group)) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
     const int64_t rank_span = token_tiles >= 2 * num_threads ? rank : kShrinkRanks;
     for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
-      if (!packed(groups[gi]))
+      if (!takes_packed_shrink(groups[gi]))
         for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
           for (int64_t k = 0; k < rank; k += rank_span)
             shrink_items.push_back({gi, static_cast<int32_t>(k), static_cast<int32_t>(std::min(rank, k + rank_span)), i});

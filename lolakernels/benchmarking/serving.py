@@ -24,7 +24,7 @@ import torch
 
 import lolakernels
 
-from .timing import machine_description, write_results, headless_pyplot
+from .timing import headless_pyplot, interleaved_seconds, machine_description, write_results
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("peft", "accelerate", "bank")
@@ -106,10 +106,11 @@ def generation_seconds(generate: Callable[[], torch.Tensor], repeats: int = 2) -
 
 
 def mixed_batch_generators(peft_model, served_model, bank, input_ids: torch.Tensor, names: list[str],
-                           new_tokens: int) -> dict[str, Callable[[], torch.Tensor]]:
+                           new_tokens: int, *, with_one_adapter: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
     """``generate()`` callables for the three methods on one mixed batch (greedy, exactly
     ``new_tokens`` new tokens). ``peft`` and ``accelerate`` share ``peft_model``; each call puts
-    the right layer classes in place."""
+    the right layer classes in place. ``with_one_adapter`` adds ``bank_one_adapter``: the same
+    bank serving the first sequence's adapter to the whole batch."""
     from ..peft import accelerate, restore
 
     settings = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -134,21 +135,10 @@ def mixed_batch_generators(peft_model, served_model, bank, input_ids: torch.Tens
         with torch.no_grad():
             return served_model.generate(input_ids, adapter_ids=[ids[0]] * len(ids), **settings)
 
-    return {"peft": peft_mixed, "accelerate": accelerated, "bank": bank_served, "bank_one_adapter": bank_one_adapter}
-
-
-def interleaved_generation_seconds(generators: dict[str, Callable[[], torch.Tensor]], rounds: int = 3) -> dict:
-    """Best wall time of each ``generate()`` over ``rounds`` rounds that run them in turn (after
-    one warm-up each), so that a ratio between them does not pick up the machine's slow phases."""
-    for generate in generators.values():
-        generate()
-    best = {name: float("inf") for name in generators}
-    for _ in range(rounds):
-        for name, generate in generators.items():
-            started = time.perf_counter()
-            generate()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+    generators = {"peft": peft_mixed, "accelerate": accelerated, "bank": bank_served}
+    if with_one_adapter:
+        generators["bank_one_adapter"] = bank_one_adapter
+    return generators
 
 
 def _contiguous_lm_head_input(model) -> None:
@@ -183,12 +173,15 @@ def run_config(cfg: Config, base_model, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(cfg.adapters)
     input_ids = torch.randint(0, base_model.config.vocab_size, (cfg.batch, cfg.prompt_tokens), generator=generator)
     batch_names = [names[s % cfg.adapters] for s in range(cfg.batch)]
-    methods = mixed_batch_generators(peft_model, served, bank, input_ids, batch_names, cfg.new_tokens)
+    methods = mixed_batch_generators(peft_model, served, bank, input_ids, batch_names, cfg.new_tokens,
+                                     with_one_adapter=True)
     # The bank with N adapters and with one are timed in turn: "bank vs one adapter" is their ratio.
     bank_methods = {name: methods.pop(name) for name in ("bank", "bank_one_adapter")}
     timings = {name: generation_seconds(generate) for name, generate in methods.items()}
-    timings.update(interleaved_generation_seconds(bank_methods))
-    outputs = {name: generate() for name, generate in {**methods, "bank": bank_methods["bank"]}.items()}
+    for generate in bank_methods.values():  # warm-up
+        generate()
+    timings.update(interleaved_seconds(bank_methods, rounds=3, min_runs=1, min_seconds=0.0, warmup=0))
+    outputs = {name: generate() for name, generate in methods.items()}  # accelerate must reproduce PEFT's tokens
     for name, seconds in timings.items():
         row[f"{name}_seconds"] = seconds
         row[f"{name}_tokens_per_s"] = cfg.batch * cfg.new_tokens / seconds
