@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from lolakernels.compress.weighted_svd import awsvd, choose_method, randomized_svd
+from lolakernels.compress.weighted_svd import awsvd, choose_method, cholesky_qr, lower_gram, randomized_svd
 from lolakernels.reference.awsvd import (
     awsvd_exact,
     optimal_weighted_error,
@@ -263,6 +263,41 @@ def test_awsvd_explicit_iterations_and_seed():
     first = awsvd(weight, scale, 10, method="randomized", seed=3)
     second = awsvd(weight, scale, 10, method="randomized", seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("shape", ((700, 517), (2, 300, 600), (90, 40)))
+def test_lower_gram_is_the_lower_triangle_of_the_gram(shape):
+    tall = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gram = lower_gram(tall)
+    torch.testing.assert_close(gram.tril(), (tall.mT @ tall).tril(), rtol=1e-12, atol=1e-9)
+    if shape[-1] >= awsvd_module.SYMMETRIC_PRODUCT_MIN_WIDTH:
+        assert bool((gram[..., 0, -1] == 0).all())  # a block above the diagonal: never multiplied
+
+
+def test_cholesky_qr_on_a_blocked_gram():
+    generator = torch.Generator().manual_seed(4)
+    tall = torch.randn(900, 600, generator=generator) * torch.logspace(0, 3, 600)  # cond ≈ 10³
+    basis = cholesky_qr(tall)
+    torch.testing.assert_close(basis.mT @ basis, torch.eye(600), atol=1e-4, rtol=0)
+    torch.testing.assert_close(basis @ (basis.mT @ tall), tall, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d_out,d_in", ((160, 224), (224, 160)))
+@pytest.mark.parametrize("spectrum", ("flat", "steep"))
+def test_gram_route_refines_only_when_the_float32_gram_is_too_coarse(monkeypatch, d_out, d_in, spectrum):
+    refinements = []
+    original = awsvd_module._subspace_iteration
+    monkeypatch.setattr(awsvd_module, "_subspace_iteration",
+                        lambda *args, **kwargs: refinements.append(1) or original(*args, **kwargs))
+    if spectrum == "flat":
+        weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(6))
+    else:  # σ_24 / σ_1 = 24⁻²: σ_k² sits ~10⁻⁶ below σ_1², at float32's rounding of the Gram
+        weight = decaying_matrix(d_out, d_in, alpha=2.0)
+    scale = activation_scale(d_in)
+    left, right = awsvd(weight, scale, 24, method="gram")
+    assert len(refinements) == (spectrum == "steep")
+    ratio = weighted_error(weight, scale, left, right) / optimal_weighted_error(weight, scale, 24)
+    assert ratio <= 1.001, ratio
 
 
 def test_choose_method():
