@@ -221,6 +221,17 @@ __attribute__((target("avx512bf16"))) void dot_bf16_native(const void* x_data, i
     for (int r = 0; r < Rows; ++r) acc[i * acc_stride + r] = _mm512_reduce_add_ps(sums[i][r]);
 }
 
+// The GEMVs read a few rows at a time, one cache line of each per step, and prefetch into L2 the
+// same line of the row `rows` further on (what the next call reads). A row is only a few KB, too
+// short for the hardware stream prefetcher to ramp up, so without this every row group would
+// start with misses to memory (measured: cold-cache M = 1 went from 0.80 to 0.58 ms at 4096²).
+inline const uint8_t* next_group_row(const Nf4Storage& w, int64_t k, int64_t row, int rows) {
+  const uint8_t* own = w.packed + row * k / 2;
+  return (row + rows + 1) * k <= w.numel ? own + rows * k / 2 : own;
+}
+
+inline void prefetch_l2(const uint8_t* address) { _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T1); }
+
 // Straight from the packed bytes: every weight row keeps its own table.
 template <int Tokens, int Rows>
 void gemv_rows(const Nf4Storage& w, int64_t k, int64_t row0, const float* x, int64_t x_stride, float* acc,
@@ -231,11 +242,13 @@ void gemv_rows(const Nf4Storage& w, int64_t k, int64_t row0, const float* x, int
   __m512 tables[Rows];
   int64_t blocks[Rows];
   const uint8_t* rows[Rows];
+  const uint8_t* ahead[Rows];
   for (int r = 0; r < Rows; ++r) {
     for (int i = 0; i < Tokens; ++i) sums[r][i] = _mm512_setzero_ps();
     blocks[r] = -1;
     tables[r] = _mm512_setzero_ps();
     rows[r] = w.packed + (row0 + r) * k / 2;
+    ahead[r] = next_group_row(w, k, row0 + r, Rows);
   }
   for (int64_t c = 0; c < k; c += 32) {
     __m512 x_even[Tokens], x_odd[Tokens];
@@ -249,6 +262,7 @@ void gemv_rows(const Nf4Storage& w, int64_t k, int64_t row0, const float* x, int
         blocks[r] = block;
         tables[r] = block_table(w, block, table_type);
       }
+      if (c % 128 == 0) prefetch_l2(ahead[r] + c / 2);  // a cache line every 4 steps
       const NibblePair nibbles = load_nibbles(rows[r] + c / 2);
       const __m512 even = _mm512_permutexvar_ps(nibbles.high, tables[r]);
       const __m512 odd = _mm512_permutexvar_ps(nibbles.low, tables[r]);
@@ -292,14 +306,17 @@ __attribute__((target("avx512bf16"))) void gemv_bf16_rows(const Nf4Storage& w, i
   const __m512i nibble = _mm512_set1_epi16(15);
   __m512 sums[kSets][Rows][Tokens];
   const uint8_t* rows[Rows];
+  const uint8_t* ahead[Rows];
   for (int r = 0; r < Rows; ++r) {
     for (int s = 0; s < kSets; ++s)
       for (int i = 0; i < Tokens; ++i) sums[s][r][i] = _mm512_setzero_ps();
     rows[r] = w.packed + (row0 + r) * k / 2;
+    ahead[r] = next_group_row(w, k, row0 + r, Rows);
   }
   for (int64_t c = 0; c < k; c += 128) {
 #pragma GCC unroll 4
     for (int r = 0; r < Rows; ++r) {
+      prefetch_l2(ahead[r] + c / 2);
       const int64_t block = ((row0 + r) * k + c) >> shift;
       __m512i low_tables, high_tables;
       if (Blocks == 4) {
