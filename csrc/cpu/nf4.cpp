@@ -100,7 +100,9 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
     x_stride = kp;
   }
 
-  const int64_t rows_per_item = use_gemv ? 16 : tile_rows_for(kp, p.compute);
+  // GEMV items are runs of 64 rows: the kernels prefetch the next row group as they go, which
+  // only pays off within a thread's own run (at its end the next rows are another thread's).
+  const int64_t rows_per_item = use_gemv ? 64 : tile_rows_for(kp, p.compute);
   const int64_t items = (p.n + rows_per_item - 1) / rows_per_item;
   const int64_t out_size = element_size(p.out_type);
 #pragma omp parallel num_threads(num_threads)
