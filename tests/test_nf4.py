@@ -1,5 +1,6 @@
 """nf4 ops: bit-exact dequantization against bitsandbytes, the fused linear against the reference
 on every CPU path, and the refusals (fp4, the CPU-repacked layout, bad arguments)."""
+import gc
 import re
 
 import pytest
@@ -114,6 +115,26 @@ def test_linear_matches_reference(use_backend, backend, isa, compute_dtype, x_dt
         assert error <= ulp * magnitude_of, (n, k, m, error, magnitude_of)
 
 
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("m", [1, 7, 8, 9])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_linear_adapter_term_across_the_decode_shrink(use_backend, backend, isa, m, x_dtype):
+    """Up to 8 tokens the cpu kernel forms x · lora_aᵀ itself, beyond that one BLAS call does: the
+    adapter's term alone (the output minus the plain layer's) is the fp64 product either way."""
+    use_backend(backend, isa)
+    packed, state, x, lora_a, lora_b, _, _ = _linear_case(40, 96, m, rank=17, x_dtype=x_dtype, seed=m)
+    wide = torch.zeros(m, 100, dtype=x_dtype)
+    wide[:, 2:98] = x
+    x = wide[:, 2:98]  # rows with a stride: the kernel's own shrink reads them in place
+    # A large scale makes the adapter's term dominate the bf16 output's rounding.
+    scale = 2.0 if x_dtype == torch.float32 else 1000.0
+    ours = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, scale, compute_dtype=torch.float32)
+    plain = lolakernels.nf4_lora_linear(x, packed, state, None, None, 0.0, compute_dtype=torch.float32)
+    expected = scale * (x.double() @ lora_a.double().T) @ lora_b.double().T
+    tolerance = (2e-5 if x_dtype == torch.float32 else 1e-2) * float(expected.abs().max())
+    torch.testing.assert_close((ours.double() - plain.double()), expected, rtol=0, atol=tolerance)
+
+
 def test_linear_accepts_batched_inputs_and_strided_rows(use_backend):
     use_backend("cpu")
     packed, state, x, lora_a, lora_b, bias, _ = _linear_case(48, 64, 6)
@@ -125,6 +146,40 @@ def test_linear_accepts_batched_inputs_and_strided_rows(use_backend):
     wide[:, :64] = x
     torch.testing.assert_close(lolakernels.nf4_lora_linear(wide[:, :64], packed, state, lora_a, lora_b, 0.5,
                                                            bias=bias), flat, rtol=0, atol=0)
+
+
+def test_read_nf4_is_memoized_until_the_pair_changes():
+    from lolakernels.ops import nf4 as ops_nf4
+
+    packed, state, *_ = _linear_case(32, 64, 1)
+    first = read_nf4(packed, state)
+    assert read_nf4(packed, state) is first
+    # Bytes updated in place: read again, and the numbers follow.
+    packed.bitwise_xor_(0x35)
+    assert read_nf4(packed, state) is not first
+    assert torch.equal(lolakernels.nf4_dequantize(packed, state), bnb_generic_dequantize(packed, state))
+    # A replaced absmax tensor, or another weight tensor with this state: read again and checked.
+    second = read_nf4(packed, state)
+    state.absmax = state.absmax.clone()
+    assert read_nf4(packed, state) is not second
+    with pytest.raises(ValueError, match="bytes"):
+        read_nf4(packed[:-4], state)
+    # Fields that make the pair unreadable are refused after a memoized read too.
+    read_nf4(packed, state)
+    state.quant_type = "fp4"
+    with pytest.raises(ValueError, match="quant_type"):
+        read_nf4(packed, state)
+    state.quant_type = "nf4"
+    read_nf4(packed, state)
+    state.packing_format_for_cpu = True
+    with pytest.raises(ValueError, match="packing_format_for_cpu"):
+        read_nf4(packed, state)
+    # The entry goes with its state.
+    key = id(state)
+    assert key in ops_nf4._reads
+    del state
+    gc.collect()
+    assert key not in ops_nf4._reads
 
 
 def test_dora_weight_norm_is_cached_and_invalidated():

@@ -91,7 +91,8 @@ void nf4_dequantize(LOLA_NF4_WEIGHT_ARGS, int64_t begin, int64_t count, std::uin
 void nf4_lora_linear(LOLA_NF4_WEIGHT_ARGS, int64_t n, int64_t k, std::uintptr_t x, int64_t x_row_stride, int64_t m,
                      int compute, std::uintptr_t bias, std::uintptr_t lora_h, std::uintptr_t lora_b, int64_t rank,
                      float scale, std::uintptr_t dora_scale, std::uintptr_t out, int64_t out_row_stride, int out_type,
-                     int isa, int num_threads) {
+                     std::uintptr_t lora_a, std::uintptr_t lora_x, int64_t lora_x_row_stride, int lora_x_type, int isa,
+                     int num_threads) {
   check_isa(isa);
   if (n * k != numel)
     throw std::invalid_argument("weight has " + std::to_string(numel) + " elements, not n * k = " +
@@ -100,7 +101,8 @@ void nf4_lora_linear(LOLA_NF4_WEIGHT_ARGS, int64_t n, int64_t k, std::uintptr_t 
       LOLA_NF4_WEIGHT, n, k, m, as_pointer<const void>(x), x_row_stride, static_cast<lola::cpu::Nf4Element>(compute),
       as_pointer<const void>(bias), as_pointer<const float>(lora_h), as_pointer<const float>(lora_b), rank, scale,
       as_pointer<const float>(dora_scale), as_pointer<void>(out), out_row_stride,
-      static_cast<lola::cpu::Nf4Element>(out_type)};
+      static_cast<lola::cpu::Nf4Element>(out_type), as_pointer<const float>(lora_a), as_pointer<const void>(lora_x),
+      lora_x_row_stride, static_cast<lola::cpu::Nf4Element>(lora_x_type)};
   std::string error;
   {
     py::gil_scoped_release release;
@@ -129,6 +131,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_dequantize", &nf4_dequantize);
   m.def("nf4_lora_linear", &nf4_lora_linear);
   m.attr("NF4_GEMV_MAX_TOKENS") = lola::cpu::kNf4GemvMaxTokens;
+  m.attr("NF4_SHRINK_MAX_TOKENS") = lola::cpu::kNf4ShrinkMaxTokens;
   m.def("cpu_features", &cpu_features);
   m.def("best_isa", [] { return static_cast<int>(lola::cpu::best_isa()); });
   m.attr("ISA_SCALAR") = static_cast<int>(Isa::Scalar);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/bf16.h"
+#include "microkernels.h"
 #include "nf4_kernels.h"
 
 namespace lola::cpu {
@@ -17,6 +18,9 @@ namespace {
 Nf4Kernels kernels_for(Isa isa) {
   return isa == Isa::Scalar ? nf4_scalar_kernels() : nf4_avx512_kernels(isa == Isa::Avx512Bf16);
 }
+
+// The fp32 tile kernels of the shared-basis op: the LoRA shrink and the lora_b panel transpose.
+MicroKernels lora_kernels_for(Isa isa) { return isa == Isa::Scalar ? scalar_kernels(false) : avx512_kernels(false, false); }
 
 int64_t element_size(Nf4Element type) { return type == Nf4Element::Float32 ? 4 : 2; }
 
@@ -58,7 +62,14 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
     return "compute type must be float32 or bfloat16";
   if (p.out_type != Nf4Element::Float32 && p.out_type != Nf4Element::BFloat16)
     return "out type must be float32 or bfloat16";
+  const bool shrink_here = p.lora_h == nullptr && p.lora_a != nullptr;
+  if (shrink_here && p.m > kNf4ShrinkMaxTokens)
+    return "the kernel forms the LoRA shrink for at most " + std::to_string(kNf4ShrinkMaxTokens) +
+           " tokens; pass lora_h for more";
+  if (shrink_here && p.lora_x_type != Nf4Element::Float32 && p.lora_x_type != Nf4Element::BFloat16)
+    return "lora_x type must be float32 or bfloat16";
   const Nf4Kernels kernels = kernels_for(isa);
+  const MicroKernels lora_kernels = lora_kernels_for(isa);
   num_threads = std::max(1, num_threads);
   const int64_t kp = (p.k + 31) / 32 * 32;
   const bool aligned = p.k % 32 == 0 && is_power_of_two(p.weight.blocksize) && p.weight.blocksize >= 32;
@@ -100,6 +111,16 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
     x_stride = kp;
   }
 
+  // The adapter's input widened to fp32 rows (as PEFT's x.to(lora_A.dtype)), and h = that · lora_aᵀ.
+  std::vector<float> lora_x32(shrink_here ? p.m * p.k : 0);
+  std::vector<float> own_h(shrink_here ? p.m * p.rank : 0, 0.0f);
+  for (int64_t i = 0; shrink_here && i < p.m; ++i)
+    for (int64_t c = 0; c < p.k; ++c)
+      lora_x32[i * p.k + c] = element_as_float(p.lora_x, i * p.lora_x_row_stride + c, p.lora_x_type);
+  const float* lora_h = shrink_here ? own_h.data() : p.lora_h;
+  const int64_t shrink_rank_tiles = (p.rank + kShrinkRanks - 1) / kShrinkRanks;
+  const int64_t shrink_tiles = shrink_here ? (p.m + kShrinkTokens - 1) / kShrinkTokens * shrink_rank_tiles : 0;
+
   // GEMV items are runs of 64 rows: the kernels prefetch the next row group as they go, which
   // only pays off within a thread's own run (at its end the next rows are another thread's).
   const int64_t rows_per_item = use_gemv ? 64 : tile_rows_for(kp, p.compute);
@@ -109,7 +130,22 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
   {
     std::vector<char> tile(use_gemv ? 0 : rows_per_item * kp * x_size);
     std::vector<float> acc(p.m * rows_per_item);
-    std::vector<float> lora_bt(p.lora_h ? p.rank * rows_per_item : 0);
+    std::vector<float> lora_bt(lora_h ? p.rank * rows_per_item : 0);
+    // Tiles of tokens × ranks, each over all of k; the loop's barrier publishes h to the epilogues.
+    // (Every thread takes the same branch, as a worksharing loop requires.)
+    if (shrink_tiles > 0)
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < shrink_tiles; ++tile) {
+      const int64_t i0 = tile / shrink_rank_tiles * kShrinkTokens, r0 = tile % shrink_rank_tiles * kShrinkRanks;
+      const int tokens = static_cast<int>(std::min<int64_t>(kShrinkTokens, p.m - i0));
+      const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, p.rank - r0));
+      for (int64_t d = 0; d < p.k; d += kShrinkChunk) {
+        const void* x_rows[kShrinkTokens];
+        for (int i = 0; i < tokens; ++i) x_rows[i] = lora_x32.data() + (i0 + i) * p.k + d;
+        lora_kernels.shrink(x_rows, p.lora_a + r0 * p.k + d, p.k, std::min(kShrinkChunk, p.k - d), tokens, ranks,
+                            own_h.data() + i0 * p.rank + r0, p.rank);
+      }
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t n0 = item * rows_per_item;
@@ -144,12 +180,11 @@ std::string nf4_lora_linear(const Nf4LinearProblem& p, Isa isa, int num_threads)
                         static_cast<int>(std::min<int64_t>(kNf4TileRows, rows - r)), acc.data() + i * rows + r, rows,
                         p.compute);
       }
-      if (p.lora_h) {
-        for (int64_t r = 0; r < p.rank; ++r)
-          for (int64_t j = 0; j < rows; ++j) lora_bt[r * rows + j] = p.lora_b[(n0 + j) * p.rank + r];
-      }
+      if (lora_h)
+        lora_kernels.transpose(p.lora_b + n0 * p.rank, p.rank * int64_t{sizeof(float)}, false, rows, p.rank,
+                               reinterpret_cast<uint32_t*>(lora_bt.data()), rows);
       for (int64_t i = 0; i < p.m; ++i) {
-        const Nf4Epilogue e{p.compute, p.out_type, p.bias, p.lora_h ? p.lora_h + i * p.rank : nullptr, p.rank,
+        const Nf4Epilogue e{p.compute, p.out_type, p.bias, lora_h ? lora_h + i * p.rank : nullptr, p.rank,
                             p.scale, p.dora_scale};
         kernels.epilogue(e, acc.data() + i * rows, n0, rows, lora_bt.data(),
                          static_cast<char*>(p.out) + (i * p.out_row_stride + n0) * out_size);

@@ -37,6 +37,12 @@ struct Nf4LinearProblem {
   void* out;                // [m, n] row stride out_row_stride, in out_type (Float32 or BFloat16)
   int64_t out_row_stride;
   Nf4Element out_type;
+  // With lora_h nullptr and lora_a given, the kernel forms h = lora_x · lora_aᵀ itself (m ≤
+  // kNf4ShrinkMaxTokens): at decode sizes a separate BLAS call costs more than the product.
+  const float* lora_a = nullptr;  // [rank, k] fp32 contiguous
+  const void* lora_x = nullptr;   // [m, k] the adapter's input (fp32 or bf16), unit column stride
+  int64_t lora_x_row_stride = 0;
+  Nf4Element lora_x_type = Nf4Element::Float32;
 };
 
 // out[i] = W[begin + i] (flat index) in out_type for i < count, bit for bit as bitsandbytes.
@@ -47,6 +53,8 @@ std::string nf4_lora_linear(const Nf4LinearProblem& problem, Isa isa, int num_th
 
 // Largest token count served by the GEMV path (more tokens use dequantized tiles).
 constexpr int64_t kNf4GemvMaxTokens = 4;
+// Largest token count for which the kernel forms the LoRA shrink itself (Nf4LinearProblem::lora_a).
+constexpr int64_t kNf4ShrinkMaxTokens = 8;
 // The same for bf16 compute where VDPBF16PS decodes straight from the packed bytes.
 constexpr int64_t kNf4GemvBf16MaxTokens = 8;
 

@@ -23,12 +23,78 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# Memo tables keyed by id(owner): (weak reference to the owner, key, value). An entry holds while
+# the key still matches (it names every tensor's storage and in-place version) and goes when its
+# owner is freed. (A WeakKeyDictionary would compare tensors with ==.)
+def _recall(table: dict, owner, key):
+    entry = table.get(id(owner))
+    if entry is not None and entry[0]() is owner and entry[1] == key:
+        return entry[2]
+    return None
+
+
+def _remember(table: dict, owner, key, value) -> None:
+    entry = table.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        weakref.finalize(owner, table.pop, id(owner), None)
+    table[id(owner)] = (weakref.ref(owner), key, value)
+
+
+def _tensor_key(tensor) -> tuple:
+    return (id(tensor), tensor.data_ptr(), tensor._version, tensor.shape, tensor.stride(), tensor.dtype)
+
+
+# Checked reads by QuantState: a serving loop reads the same weight every step, and the checks
+# cost as much as a small layer's kernel. The key covers the state's fields and every tensor read.
+_reads: dict[int, tuple] = {}
+
+
+def _read_key(weight: Tensor, quant_state) -> Optional[tuple]:
+    """Everything read_nf4 reads from the pair; None where it is not a well-formed pair (no memo)."""
+    try:
+        nested = bool(getattr(quant_state, "nested", False))
+        tensors = [weight, quant_state.absmax]
+        fields = (tuple(quant_state.shape), quant_state.blocksize, quant_state.dtype, quant_state.quant_type, nested)
+        if nested:
+            state2 = quant_state.state2
+            tensors += [state2.code, state2.absmax, quant_state.offset]
+            fields += (state2.blocksize,)
+        return fields + tuple(_tensor_key(t) for t in tensors)
+    except (AttributeError, TypeError):
+        return None
+
+
 def read_nf4(weight: Tensor, quant_state) -> Nf4Weight:
     """Checks a bitsandbytes (packed weight, QuantState) pair and returns its tensors.
 
     Raises ValueError/TypeError for anything that cannot be read exactly: fp4 states, the layout
     bitsandbytes repacks weights into for its AVX512-BF16 CPU kernel (``packing_format_for_cpu``),
-    wrong sizes, dtypes, devices, or non-contiguous storage."""
+    wrong sizes, dtypes, devices, or non-contiguous storage. A pair already checked, and unchanged
+    since (same tensors, no in-place update), is not checked again."""
+    if torch.compiler.is_compiling():
+        return _read_nf4_checked(weight, quant_state)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        _refuse_repacked()
+    key = _read_key(weight, quant_state)
+    if key is not None:
+        nf4 = _recall(_reads, quant_state, key)
+        if nf4 is not None:
+            return nf4
+    nf4 = _read_nf4_checked(weight, quant_state)
+    if key is not None:
+        _remember(_reads, quant_state, key, nf4)
+    return nf4
+
+
+def _refuse_repacked():
+    raise ValueError(
+        "quant_state.packing_format_for_cpu is set: bitsandbytes repacked this weight in place for its "
+        "AVX512-BF16 CPU kernel (on its first eval-mode forward) and rounded absmax to bfloat16, so the nf4 "
+        "values can no longer be read exactly. Read the weight before any eval forward of bitsandbytes' "
+        "Linear4bit (or run it in train mode / with inputs that require grad, which skip the repacking).")
+
+
+def _read_nf4_checked(weight: Tensor, quant_state) -> Nf4Weight:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be the packed torch.Tensor of a bitsandbytes Params4bit, got {type(weight).__name__}")
     for field in ("absmax", "shape", "blocksize", "quant_type", "dtype"):
@@ -36,11 +102,7 @@ def read_nf4(weight: Tensor, quant_state) -> Nf4Weight:
             raise TypeError(f"quant_state must be a bitsandbytes QuantState (no attribute {field!r}), "
                             f"got {type(quant_state).__name__}")
     if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError(
-            "quant_state.packing_format_for_cpu is set: bitsandbytes repacked this weight in place for its "
-            "AVX512-BF16 CPU kernel (on its first eval-mode forward) and rounded absmax to bfloat16, so the nf4 "
-            "values can no longer be read exactly. Read the weight before any eval forward of bitsandbytes' "
-            "Linear4bit (or run it in train mode / with inputs that require grad, which skip the repacking).")
+        _refuse_repacked()
     if quant_state.quant_type != "nf4":
         raise ValueError(
             f"quant_state.quant_type is {quant_state.quant_type!r}; only 'nf4' is supported (Params4bit, "
@@ -129,9 +191,7 @@ def nf4_dequantize(weight: Tensor, quant_state, *, out_dtype: Optional[torch.dty
     return torch.ops.lolakernels.nf4_dequantize(*_ops.nf4_weight_args(nf4), out_dtype)
 
 
-# DoRA weight norms by id(lora_a) -> (weak reference to lora_a, key, norm): recomputed only when the
-# weight, the adapter or the scale changed (in-place updates bump a tensor's _version); an entry
-# goes when its lora_a is freed. (A WeakKeyDictionary would compare tensors with ==.)
+# DoRA weight norms by lora_a: recomputed only when the weight, the adapter or the scale changed.
 _weight_norms: dict[int, tuple] = {}
 
 
@@ -147,14 +207,11 @@ def dora_weight_norm(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: floa
         return torch.ops.lolakernels.nf4_dora_weight_norm(*_ops.nf4_weight_args(nf4), lora_a.detach(),
                                                           lora_b.detach(), float(scale))
     key = _norm_key(nf4, lora_a, lora_b, scale)
-    cached = _weight_norms.get(id(lora_a))
-    if cached is not None and cached[0]() is lora_a and cached[1] == key:
-        return cached[2]
-    with torch.no_grad():
-        norm = _ops.run_nf4_dora_weight_norm(nf4, lora_a.detach(), lora_b.detach(), float(scale))
-    if cached is None or cached[0]() is not lora_a:
-        weakref.finalize(lora_a, _weight_norms.pop, id(lora_a), None)
-    _weight_norms[id(lora_a)] = (weakref.ref(lora_a), key, norm)
+    norm = _recall(_weight_norms, lora_a, key)
+    if norm is None:
+        with torch.no_grad():
+            norm = _ops.run_nf4_dora_weight_norm(nf4, lora_a.detach(), lora_b.detach(), float(scale))
+        _remember(_weight_norms, lora_a, key, norm)
     return norm
 
 
