@@ -116,6 +116,26 @@ def test_linear_matches_reference(use_backend, backend, isa, compute_dtype, x_dt
 
 
 @pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-absmax"])
+def test_linear_reads_each_weight_exactly_across_absmax_groups(use_backend, backend, isa, blocksize, nested):
+    """x = unit vectors: each output is one weight times 1, so the bf16 decode GEMV must return
+    dequantize_4bit's values bit for bit, at columns spread over rows wider than the kernel's absmax
+    chunk (4096) and over many absmax groups (256 blocks), whose edges fall mid-step."""
+    use_backend(backend, isa)
+    n, k = 24, 4224
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
+    packed, state = quantize(weight, blocksize, nested)
+    expected = bnb_generic_dequantize(packed, state)
+    columns = torch.tensor(sorted({0, 31, 32, 63, 64, 4095, 4096, 4223} | set(range(5, k, 263))))
+    for chunk in columns.split(4):
+        x = torch.zeros(len(chunk), k, dtype=torch.bfloat16)
+        x[torch.arange(len(chunk)), chunk] = 1.0
+        ours = lolakernels.nf4_lora_linear(x, packed, state, None, None, 0.0)
+        assert torch.equal(ours, expected[:, chunk].T), (blocksize, nested, chunk.tolist())
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("m", [1, 7, 8, 9])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_linear_adapter_term_across_the_decode_shrink(use_backend, backend, isa, m, x_dtype):
