@@ -135,7 +135,9 @@ def markdown_table(rows: list[dict], machine: str, bandwidth: float, note: str =
         "",
         f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. Blocksize {BLOCKSIZE}, double quantization, "
         "PEFT's fp32 adapter. Each time is the best of 3 interleaved medians.",
-        "bnb + PEFT: PEFT's lora.bnb.Linear4bit in eval mode (bitsandbytes' repacked CPU kernel); dense: PEFT "
+        "bnb + PEFT: PEFT's lora.bnb.Linear4bit in eval mode (bitsandbytes' repacked CPU kernel, which computes "
+        "in bf16 with bf16-rounded absmax whatever the input dtype: its float32 rows are not float32 products, "
+        "ours are); dense: PEFT "
         "LoRA over nn.Linear in the compute dtype. Bandwidth fraction (M = 1): bytes read / time / bandwidth, "
         "cold = weights cycled through more memory than the caches hold.",
     ]

@@ -46,6 +46,8 @@ def _tensor_key(tensor) -> tuple:
 
 # Checked reads by QuantState: a serving loop reads the same weight every step, and the checks
 # cost as much as a small layer's kernel. The key covers the state's fields and every tensor read.
+# An entry holds views of the tensors it read until its state is freed or read with other tensors
+# (bitsandbytes' Params4bit.to() keeps the QuantState: the next forward replaces the entry).
 _reads: dict[int, tuple] = {}
 
 
