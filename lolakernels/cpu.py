@@ -126,12 +126,13 @@ def nf4_lora_linear(
         x_compute = x_compute.contiguous()
     out = torch.empty(m, n, dtype=x.dtype)
     lora_h = dora_scale = None
-    lora_x = lora_a_here = None
+    # (lora_a, lora_x, its row stride, its dtype code) when the kernel forms the shrink itself.
+    shrink_args = (0, 0, 0, 0)
     if lora_a is not None:
         lora_x = x if x_lora is None else x_lora
         if m <= _module().NF4_SHRINK_MAX_TOKENS and lora_a.is_contiguous() and lora_x.stride(-1) == 1:
             # A few tokens: the kernel forms h = x · lora_aᵀ itself (a BLAS call costs more than the product).
-            lora_a_here = lora_a
+            shrink_args = (lora_a.data_ptr(), lora_x.data_ptr(), lora_x.stride(0), _DTYPE_CODE[lora_x.dtype])
         else:
             lora_h = torch.nn.functional.linear(lora_x.to(lora_a.dtype), lora_a).contiguous()
         lora_b = lora_b.contiguous()
@@ -141,9 +142,7 @@ def nf4_lora_linear(
     _module().nf4_lora_linear(
         *_nf4_weight_args(weight), n, k, x_compute.data_ptr(), x_compute.stride(0), m, _DTYPE_CODE[compute_dtype],
         address(bias_compute), address(lora_h), address(lora_b), 0 if lora_a is None else lora_a.shape[0],
-        float(scale), address(dora_scale), out.data_ptr(), out.stride(0), _DTYPE_CODE[x.dtype],
-        address(lora_a_here), address(lora_x if lora_a_here is not None else None),
-        lora_x.stride(0) if lora_a_here is not None else 0,
-        _DTYPE_CODE[lora_x.dtype] if lora_a_here is not None else 0, isa(), torch.get_num_threads(),
+        float(scale), address(dora_scale), out.data_ptr(), out.stride(0), _DTYPE_CODE[x.dtype], *shrink_args,
+        isa(), torch.get_num_threads(),
     )
     return out
