@@ -107,6 +107,21 @@ def test_multi_lora_with_scales_and_true_ranks(use_backend, backend, isa, dtype,
     assert torch.allclose(plain.float(), term.float(), rtol=0, atol=1e-5 if dtype == torch.float32 else 0)
 
 
+# Decode (one or two tokens per adapter) expands straight from lora_b's rows, with the rank steps
+# unrolled for 1-4 steps of 16 (fp32) or 32 (bf16 pairs) ranks and a loop beyond: cover each count,
+# a partial last step, and d_out ending inside a 16-column block of a partial 32-column item.
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rank", [5, 16, 33, 48, 64, 72, 130])
+def test_decode_row_expand_every_rank_step_count(use_backend, backend, isa, dtype, rank):
+    use_backend(backend, isa)
+    p = make_problem(9, 40, 83, rank, 7, 7, sigma_kind="none", dtype=dtype, seed=rank)
+    p.basis_of = torch.arange(7, dtype=torch.int32)
+    p.ids = torch.tensor([0, 1, 1, 2, -1, 3, 4, 5, 6], dtype=torch.int32)  # groups of one and two tokens
+    term = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=p.scale)
+    assert_term_close(term, formula_fp64(p), p)
+
+
 def _assert_bf16_close(term, oracle):
     magnitude = float(oracle.abs().max()) if oracle.numel() else 1.0
     error = float((term.double() - oracle).abs().max()) if oracle.numel() else 0.0

@@ -15,6 +15,11 @@
 namespace lola::cpu {
 namespace {
 
+// How many 16-column blocks of lora_b ahead the row expand prefetches (4 KiB at R = 16, fp32).
+constexpr int64_t kRowPrefetchBlocks = 4;
+// How far ahead along each lora_a row the dot-product shrink prefetches.
+constexpr int64_t kShrinkPrefetchBytes = 1024;
+
 inline __mmask16 low_mask16(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
 }
@@ -51,6 +56,7 @@ void shrink_f32(const void* const* x_rows, const void* a_rows, int64_t a_stride,
     __m512 xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, x[i] + d);
     for (int k = 0; k < Ranks; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(a + k * a_stride + d) + kShrinkPrefetchBytes, _MM_HINT_T1);
       const __m512 av = _mm512_maskz_loadu_ps(mask, a + k * a_stride + d);
       for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
     }
@@ -73,6 +79,8 @@ void shrink_bf16_widen(const void* const* x_rows, const void* a_rows, int64_t a_
     __m512 xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = widen_bf16(_mm256_maskz_loadu_epi16(mask, x[i] + d));
     for (int k = 0; k < Ranks; ++k) {
+      if (d % 32 == 0)  // one prefetch per 64-byte line
+        _mm_prefetch(reinterpret_cast<const char*>(a + k * a_stride + d) + kShrinkPrefetchBytes, _MM_HINT_T1);
       const __m512 av = widen_bf16(_mm256_maskz_loadu_epi16(mask, a + k * a_stride + d));
       for (int i = 0; i < Tokens; ++i) acc[i][k] = _mm512_fmadd_ps(xv[i], av, acc[i][k]);
     }
@@ -96,6 +104,7 @@ __attribute__((target("avx512bf16"))) void shrink_bf16_dot(const void* const* x_
     __m512i xv[Tokens];
     for (int i = 0; i < Tokens; ++i) xv[i] = _mm512_maskz_loadu_epi16(mask, x[i] + d);
     for (int k = 0; k < Ranks; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(a + k * a_stride + d) + kShrinkPrefetchBytes, _MM_HINT_T1);
       const __m512i av = _mm512_maskz_loadu_epi16(mask, a + k * a_stride + d);
       for (int i = 0; i < Tokens; ++i)
         acc[i][k] = _mm512_dpbf16_ps(acc[i][k], (__m512bh)xv[i], (__m512bh)av);
@@ -213,23 +222,6 @@ void expand_dot_any(const void* g, int64_t g_stride, const void* panel, int64_t 
   kTiles[num_tokens - 1](g, g_stride, panel, rank, out_rows, num_cols);
 }
 
-// Adds fp32 sums[0..num_cols) into an output row of the op's dtype (one rounding).
-template <bool Bf16>
-void add_to_row(void* out_row, const float* sums, int num_cols) {
-  for (int half = 0; half * 16 < num_cols; ++half) {
-    const __mmask16 mask = low_mask16(num_cols - 16 * half);
-    const __m512 add = _mm512_maskz_loadu_ps(mask, sums + 16 * half);
-    if constexpr (Bf16) {
-      uint16_t* out = static_cast<uint16_t*>(out_row) + 16 * half;
-      const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(mask, out)), add);
-      _mm256_mask_storeu_epi16(out, mask, narrow_to_bf16(sum));
-    } else {
-      float* out = static_cast<float*>(out_row) + 16 * half;
-      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), add));
-    }
-  }
-}
-
 template <bool Bf16>
 inline __m512 load_row_chunk(const void* rows, int64_t index, __mmask16 mask) {
   if constexpr (Bf16) {
@@ -239,43 +231,148 @@ inline __m512 load_row_chunk(const void* rows, int64_t index, __mmask16 mask) {
   }
 }
 
-// Each lora_b row is loaded once (contiguous in k) and dotted with every token's g.
-template <bool Bf16>
-void expand_rows(const void* g_rows, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
-                 int num_tokens, int num_cols) {
-  const float* g = static_cast<const float*>(g_rows);
-  float sums[kRowExpandTokens][kExpandCols];
-  for (int j = 0; j < num_cols; ++j) {
-    __m512 acc[kRowExpandTokens] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < rank; k += 16) {
-      const __mmask16 mask = low_mask16(rank - k);
-      const __m512 row = load_row_chunk<Bf16>(b_rows, j * rank + k, mask);
-      for (int i = 0; i < num_tokens; ++i)
-        acc[i] = _mm512_fmadd_ps(row, _mm512_maskz_loadu_ps(mask, g + i * g_stride + k), acc[i]);
-    }
-    for (int i = 0; i < num_tokens; ++i) sums[i][j] = _mm512_reduce_add_ps(acc[i]);
+// sums[j] = the sum of the 16 lanes of v[j], for j < 16. A tree of interleaves halves the
+// vectors at each level (15 adds, 30 shuffles), where 16 separate horizontal sums would take 64
+// dependent shuffle-add pairs: the row expand below is bound by this step, not by its loads.
+inline __m512 sum_lanes_of_16(const __m512 (&v)[16]) {
+  __m512 pairs[8];  // per 128-bit lane: partial sums of v[2i], v[2i+1], v[2i], v[2i+1]
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 quads[4];  // per 128-bit lane: that lane's sums of v[4i .. 4i + 3]
+  for (int i = 0; i < 4; ++i) {
+    const __m512d low = _mm512_castps_pd(pairs[2 * i]), high = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(low, high)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(low, high)));
   }
-  for (int i = 0; i < num_tokens; ++i) add_to_row<Bf16>(out_rows[i], sums[i], num_cols);
+  __m512 halves[2];  // 128-bit lanes: v[8i .. 8i+3] over lanes 0-1, over lanes 2-3, then v[8i+4 ..]
+  for (int i = 0; i < 2; ++i)
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
 }
 
-// The same with bf16 g and VDPBF16PS over 32 ranks per step.
-__attribute__((target("avx512bf16"))) void expand_rows_dot(const void* g_rows, int64_t g_stride, const void* b_rows,
-                                                          int64_t rank, void* const* out_rows, int num_tokens,
-                                                          int num_cols) {
-  const uint16_t* g = static_cast<const uint16_t*>(g_rows);
-  const uint16_t* b = static_cast<const uint16_t*>(b_rows);
-  float sums[kRowExpandTokens][kExpandCols];
-  for (int j = 0; j < num_cols; ++j) {
-    __m512 acc[kRowExpandTokens] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t k = 0; k < rank; k += 32) {
-      const __mmask32 mask = low_mask32(rank - k);
-      const __m512i row = _mm512_maskz_loadu_epi16(mask, b + j * rank + k);
-      for (int i = 0; i < num_tokens; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)row, (__m512bh)_mm512_maskz_loadu_epi16(mask, g + i * g_stride + k));
-    }
-    for (int i = 0; i < num_tokens; ++i) sums[i][j] = _mm512_reduce_add_ps(acc[i]);
+// Adds 16 fp32 sums (the first num_cols of them) into an output row of the op's dtype.
+template <bool Bf16>
+inline void add_sums_to_row(void* out_row, __m512 sums, int num_cols) {
+  const __mmask16 mask = low_mask16(num_cols);
+  if constexpr (Bf16) {
+    uint16_t* out = static_cast<uint16_t*>(out_row);
+    const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(mask, out)), sums);
+    _mm256_mask_storeu_epi16(out, mask, narrow_to_bf16(sum));
+  } else {
+    float* out = static_cast<float*>(out_row);
+    _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), sums));
   }
-  for (int i = 0; i < num_tokens; ++i) add_to_row<true>(out_rows[i], sums[i], num_cols);
+}
+
+// One fp32 step of a lora_b row: 16 ranks from k, widened from bf16 when the op is bf16.
+template <bool Bf16>
+struct RowStepF32 {
+  using Mask = __mmask16;
+  static constexpr int64_t kRanks = 16;
+  static constexpr int64_t kGElementSize = 4;
+  static constexpr int64_t kOutElementSize = Bf16 ? 2 : 4;
+  static Mask mask(int64_t remaining) { return low_mask16(remaining); }
+  static __m512 load_g(const void* g, int64_t k, Mask mask) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(g) + k);
+  }
+  static __m512 fma(const void* b_row, int64_t k, Mask mask, __m512 g, __m512 acc) {
+    return _mm512_fmadd_ps(load_row_chunk<Bf16>(b_row, k, mask), g, acc);
+  }
+};
+
+// One VDPBF16PS step: 32 ranks of a bf16 lora_b row against bf16 g, summed in pairs. Written as
+// inline assembly so that the shared row-expand template needs no avx512bf16 target of its own
+// (GCC will not inline a target-specific step into it); the table hands this step out only when
+// the CPU has AVX512-BF16.
+struct RowStepBf16Dot {
+  using Mask = __mmask32;
+  static constexpr int64_t kRanks = 32;
+  static constexpr int64_t kGElementSize = 2;
+  static constexpr int64_t kOutElementSize = 2;
+  static Mask mask(int64_t remaining) { return low_mask32(remaining); }
+  static __m512 load_g(const void* g, int64_t k, Mask mask) {
+    return _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(g) + k));
+  }
+  static __m512 fma(const void* b_row, int64_t k, Mask mask, __m512 g, __m512 acc) {
+    const __m512i row = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(b_row) + k);
+    asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(row), "v"(g));
+    return acc;
+  }
+};
+
+// acc[j] += lora_b row j (ranks k < rank) ⊙ g, lane-wise, for j < cols (≤ 16). Steps > 0 is the
+// number of rank steps known at compile time (g held in registers, everything unrolled); Steps = 0
+// walks any rank.
+template <typename Step, int Steps>
+__attribute__((always_inline)) inline void row_products(const char* rows, int64_t rank, int cols, const void* g,
+                                                        __m512 (&acc)[16]) {
+  const int64_t row_bytes = rank * Step::kOutElementSize;
+  if constexpr (Steps > 0) {
+    __m512 g_steps[Steps];
+    typename Step::Mask masks[Steps];
+    for (int s = 0; s < Steps; ++s) {
+      masks[s] = Step::mask(rank - s * Step::kRanks);
+      g_steps[s] = Step::load_g(g, s * Step::kRanks, masks[s]);
+    }
+    // Unrolled over the 16 columns so that every acc[j] is a register, not a stack slot.
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= cols) break;
+      for (int s = 0; s < Steps; ++s)
+        acc[j] = Step::fma(rows + j * row_bytes, s * Step::kRanks, masks[s], g_steps[s], acc[j]);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j >= cols) break;
+      for (int64_t k = 0; k < rank; k += Step::kRanks) {
+        const typename Step::Mask mask = Step::mask(rank - k);
+        acc[j] = Step::fma(rows + j * row_bytes, k, mask, Step::load_g(g, k, mask), acc[j]);
+      }
+    }
+  }
+}
+
+// Row expand: each lora_b row j (contiguous in k) is multiplied lane-wise with the token's g into
+// its own accumulator, row by row so the reads run through lora_b in address order, and 16
+// columns' accumulators are summed across lanes together. Tokens are taken one at a time so the
+// 16 accumulators stay in registers; the second token rereads the columns' rows from L1.
+template <typename Step, int Steps>
+void expand_rows_tree(const void* g_rows, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+                      int num_tokens, int num_cols) {
+  const auto* b = static_cast<const char*>(b_rows);
+  const int64_t block_bytes = 16 * rank * Step::kOutElementSize;
+  for (int j0 = 0; j0 < num_cols; j0 += 16) {
+    const int cols = num_cols - j0 < 16 ? num_cols - j0 : 16;
+    const char* rows = b + j0 * rank * Step::kOutElementSize;
+    // The rows a few blocks on (past this item too: the planner hands a thread its row items in
+    // lora_b's address order) are fetched into L2 now; a decode batch reads each row once, so
+    // these reads are the whole cost.
+    for (int64_t line = 0; line < block_bytes; line += 64)
+      _mm_prefetch(rows + kRowPrefetchBlocks * block_bytes + line, _MM_HINT_T1);
+    for (int i = 0; i < num_tokens; ++i) {
+      __m512 acc[16];
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      row_products<Step, Steps>(rows, rank, cols, static_cast<const char*>(g_rows) + i * g_stride * Step::kGElementSize,
+                                acc);
+      add_sums_to_row<Step::kOutElementSize == 2>(static_cast<char*>(out_rows[i]) + j0 * Step::kOutElementSize,
+                                                  sum_lanes_of_16(acc), cols);
+    }
+  }
+}
+
+// The row expand for any rank, with the rank steps unrolled up to four.
+template <typename Step>
+void expand_rows_any(const void* g, int64_t g_stride, const void* b_rows, int64_t rank, void* const* out_rows,
+                     int num_tokens, int num_cols) {
+  using Kernel = void (*)(const void*, int64_t, const void*, int64_t, void* const*, int, int);
+  static const Kernel kByRankSteps[5] = {&expand_rows_tree<Step, 0>, &expand_rows_tree<Step, 1>,
+                                         &expand_rows_tree<Step, 2>, &expand_rows_tree<Step, 3>,
+                                         &expand_rows_tree<Step, 4>};
+  const int64_t steps = (rank + Step::kRanks - 1) / Step::kRanks;
+  kByRankSteps[steps <= 4 ? steps : 0](g, g_stride, b_rows, rank, out_rows, num_tokens, num_cols);
 }
 
 // One row of Σ per output j, 16 k's per step; h stays in registers for R <= 64.
@@ -465,12 +562,12 @@ void transpose(const void* src, int64_t src_row_bytes, bool widen_bf16, int64_t 
 
 MicroKernels avx512_kernels(bool bf16, bool native_bf16_dot) {
   if (!bf16)
-    return {&shrink_f32_any, &expand_any<false>, &expand_rows<false>, &sigma_full<false>,
+    return {&shrink_f32_any, &expand_any<false>, &expand_rows_any<RowStepF32<false>>, &sigma_full<false>,
             &shrink_packed_any<kPackedF32>, PanelLayout::Float32Rows, &transpose};
   if (native_bf16_dot)
-    return {&shrink_bf16_dot_any, &expand_dot_any, &expand_rows_dot, &sigma_full<true>,
+    return {&shrink_bf16_dot_any, &expand_dot_any, &expand_rows_any<RowStepBf16Dot>, &sigma_full<true>,
             &shrink_packed_any<kPackedBf16Dot>, PanelLayout::Bf16Pairs, &transpose};
-  return {&shrink_bf16_widen_any, &expand_any<true>, &expand_rows<true>, &sigma_full<true>,
+  return {&shrink_bf16_widen_any, &expand_any<true>, &expand_rows_any<RowStepF32<true>>, &sigma_full<true>,
           &shrink_packed_any<kPackedBf16Widen>, PanelLayout::Float32Rows, &transpose};
 }
 

@@ -281,35 +281,48 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   const char* g_rows = pairs ? reinterpret_cast<const char*>(g_bf16.data()) : reinterpret_cast<const char*>(g.data());
   const int64_t g_element_size = pairs ? 2 : 4;
 
-  // Expand: each item packs one panel of lora_b once and reuses it for every token of its group.
-  std::vector<ExpandItem> expand_items;
-  for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
-    for (int64_t col = 0; col < p.d_out; col += kExpandCols) expand_items.push_back({gi, col});
+  // Expand. Small groups (decode: one adapter per token) read lora_b's rows as they are; each
+  // thread takes one contiguous run of those items, so that it streams lora_b in address order
+  // and the prefetchers keep up (the reads are the whole cost of these items). Larger groups pack
+  // one panel of lora_b per item and reuse it for every token of the group; their items vary in
+  // cost with the group's size and are handed out dynamically.
+  std::vector<ExpandItem> row_items, panel_items;
+  for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
+    auto& items = groups[gi].end - groups[gi].begin <= kRowExpandTokens ? row_items : panel_items;
+    for (int64_t col = 0; col < p.d_out; col += kExpandCols) items.push_back({gi, col});
+  }
+  const auto expand_item = [&](const ExpandItem& item, uint32_t* panel) {
+    const Group& group = groups[item.group];
+    const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
+    const bool from_rows = panel == nullptr;
+    const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
+    if (!from_rows) pack_expand_panel(p, kernels, group.cluster, item.col_begin, panel);
+    for (int64_t i = group.begin; i < group.end; i += tile) {
+      const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
+      void* out_rows[kExpandTokens];
+      for (int t = 0; t < tokens; ++t)
+        out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
+      const char* g_at = g_rows + i * g_stride * g_element_size;
+      if (from_rows) {
+        const char* b_rows =
+            static_cast<const char*>(p.lora_b) + (group.cluster * p.d_out + item.col_begin) * rank * element_size;
+        kernels.expand_rows(g_at, g_stride, b_rows, rank, out_rows, tokens, cols);
+      } else {
+        kernels.expand(g_at, g_stride, panel, rank, out_rows, tokens, cols);
+      }
+    }
+  };
+  const int64_t row_count = static_cast<int64_t>(row_items.size());
+  const int64_t panel_count = static_cast<int64_t>(panel_items.size());
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<uint32_t> panel(std::max<int64_t>(rank, 1) * kExpandCols);
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t w = 0; w < static_cast<int64_t>(expand_items.size()); ++w) {
-      const ExpandItem item = expand_items[w];
-      const Group& group = groups[item.group];
-      const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
-      const bool from_rows = group.end - group.begin <= kRowExpandTokens;
-      const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
-      if (!from_rows) pack_expand_panel(p, kernels, group.cluster, item.col_begin, panel.data());
-      for (int64_t i = group.begin; i < group.end; i += tile) {
-        const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
-        void* out_rows[kExpandTokens];
-        for (int t = 0; t < tokens; ++t)
-          out_rows[t] = out_bytes + (order[i + t] * p.out_row_stride + p.out_offset + item.col_begin) * element_size;
-        const char* g_at = g_rows + i * g_stride * g_element_size;
-        if (from_rows) {
-          const char* b_rows = static_cast<const char*>(p.lora_b) +
-                               (group.cluster * p.d_out + item.col_begin) * rank * element_size;
-          kernels.expand_rows(g_at, g_stride, b_rows, rank, out_rows, tokens, cols);
-        } else {
-          kernels.expand(g_at, g_stride, panel.data(), rank, out_rows, tokens, cols);
-        }
-      }
+    // The two kinds of items write disjoint rows of out (different groups), so neither loop waits.
+#pragma omp for schedule(static) nowait
+    for (int64_t w = 0; w < row_count; ++w) expand_item(row_items[w], nullptr);
+    if (panel_count > 0) {
+      std::vector<uint32_t> panel(std::max<int64_t>(rank, 1) * kExpandCols);
+#pragma omp for schedule(dynamic, 4) nowait
+      for (int64_t w = 0; w < panel_count; ++w) expand_item(panel_items[w], panel.data());
     }
   }
   return "";
