@@ -141,23 +141,27 @@ void shrink_bf16_dot_any(const void* const* x_rows, const void* a_rows, int64_t 
   kShrinkBf16Dot[num_tokens - 1][num_ranks - 1](x_rows, a_rows, a_stride, d_in, h, h_stride);
 }
 
+// Adds 16 fp32 sums (the first num_cols of them) into an output row of the op's dtype.
+template <bool Bf16>
+inline void add_sums_to_row(void* out_row, __m512 sums, int num_cols) {
+  const __mmask16 mask = low_mask16(num_cols);
+  if constexpr (Bf16) {
+    uint16_t* out = static_cast<uint16_t*>(out_row);
+    const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(mask, out)), sums);
+    _mm256_mask_storeu_epi16(out, mask, narrow_to_bf16(sum));
+  } else {
+    float* out = static_cast<float*>(out_row);
+    _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), sums));
+  }
+}
+
 // Adds a tile's 32-column sums into its output rows (one rounding).
 template <int Tokens, bool Bf16>
 inline void add_tile_to_rows(__m512 (&acc)[Tokens][2], void* const* out_rows, int num_cols) {
-  const __mmask16 masks[2] = {low_mask16(num_cols), low_mask16(num_cols > 16 ? num_cols - 16 : 0)};
+  const int element_size = Bf16 ? 2 : 4;
   for (int i = 0; i < Tokens; ++i) {
-    for (int half = 0; half < 2; ++half) {
-      if (!masks[half]) continue;
-      if constexpr (Bf16) {
-        uint16_t* out = static_cast<uint16_t*>(out_rows[i]) + 16 * half;
-        const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(masks[half], out)), acc[i][half]);
-        _mm256_mask_storeu_epi16(out, masks[half], narrow_to_bf16(sum));
-      } else {
-        float* out = static_cast<float*>(out_rows[i]) + 16 * half;
-        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[half], out), acc[i][half]);
-        _mm512_mask_storeu_ps(out, masks[half], sum);
-      }
-    }
+    add_sums_to_row<Bf16>(out_rows[i], acc[i][0], num_cols);
+    if (num_cols > 16) add_sums_to_row<Bf16>(static_cast<char*>(out_rows[i]) + 16 * element_size, acc[i][1], num_cols - 16);
   }
 }
 
@@ -233,7 +237,7 @@ inline __m512 load_row_chunk(const void* rows, int64_t index, __mmask16 mask) {
 
 // sums[j] = the sum of the 16 lanes of v[j], for j < 16. A tree of interleaves halves the
 // vectors at each level (15 adds, 30 shuffles), where 16 separate horizontal sums would take 64
-// dependent shuffle-add pairs: the row expand below is bound by this step, not by its loads.
+// dependent shuffle-add pairs.
 inline __m512 sum_lanes_of_16(const __m512 (&v)[16]) {
   __m512 pairs[8];  // per 128-bit lane: partial sums of v[2i], v[2i+1], v[2i], v[2i+1]
   for (int i = 0; i < 8; ++i)
@@ -250,20 +254,6 @@ inline __m512 sum_lanes_of_16(const __m512 (&v)[16]) {
                               _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
                        _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
-}
-
-// Adds 16 fp32 sums (the first num_cols of them) into an output row of the op's dtype.
-template <bool Bf16>
-inline void add_sums_to_row(void* out_row, __m512 sums, int num_cols) {
-  const __mmask16 mask = low_mask16(num_cols);
-  if constexpr (Bf16) {
-    uint16_t* out = static_cast<uint16_t*>(out_row);
-    const __m512 sum = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(mask, out)), sums);
-    _mm256_mask_storeu_epi16(out, mask, narrow_to_bf16(sum));
-  } else {
-    float* out = static_cast<float*>(out_row);
-    _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), sums));
-  }
 }
 
 // One fp32 step of a lora_b row: 16 ranks from k, widened from bf16 when the op is bf16.
