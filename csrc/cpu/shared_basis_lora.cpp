@@ -291,12 +291,26 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
     auto& items = groups[gi].end - groups[gi].begin <= kRowExpandTokens ? row_items : panel_items;
     for (int64_t col = 0; col < p.d_out; col += kExpandCols) items.push_back({gi, col});
   }
-  const auto expand_item = [&](const ExpandItem& item, uint32_t* panel) {
+  const auto expand_item = [&](const ExpandItem& item, uint32_t* panel, const ExpandItem* next) {
     const Group& group = groups[item.group];
     const int cols = static_cast<int>(std::min<int64_t>(kExpandCols, p.d_out - item.col_begin));
     const bool from_rows = panel == nullptr;
     const int tile = from_rows ? kRowExpandTokens : kExpandTokens;
     if (!from_rows) pack_expand_panel(p, kernels, group.cluster, item.col_begin, panel);
+    // A panel item's reads all miss: its 32 rows of lora_b, and 32 columns of each of its group's
+    // out rows, which lie one per token across out. The next item's are fetched while this one
+    // computes. (Kept in this body: GCC drops a call to a lambda that only prefetches.)
+    if (!from_rows && next != nullptr) {
+      const Group& next_group = groups[next->group];
+      const int64_t next_cols = std::min<int64_t>(kExpandCols, p.d_out - next->col_begin);
+      const char* next_b = static_cast<const char*>(p.lora_b) +
+                           (next_group.cluster * p.d_out + next->col_begin) * rank * element_size;
+      for (int64_t i = next_group.begin; i < next_group.end; ++i) {
+        const char* out_at = out_bytes + (order[i] * p.out_row_stride + p.out_offset + next->col_begin) * element_size;
+        for (int64_t line = 0; line < next_cols * element_size; line += 64) __builtin_prefetch(out_at + line, 1, 3);
+      }
+      for (int64_t line = 0; line < next_cols * rank * element_size; line += 64) __builtin_prefetch(next_b + line, 0, 2);
+    }
     for (int64_t i = group.begin; i < group.end; i += tile) {
       const int tokens = static_cast<int>(std::min<int64_t>(tile, group.end - i));
       void* out_rows[kExpandTokens];
@@ -318,11 +332,12 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   {
     // The two kinds of items write disjoint rows of out (different groups), so neither loop waits.
 #pragma omp for schedule(static) nowait
-    for (int64_t w = 0; w < row_count; ++w) expand_item(row_items[w], nullptr);
+    for (int64_t w = 0; w < row_count; ++w) expand_item(row_items[w], nullptr, nullptr);
     if (panel_count > 0) {
       std::vector<uint32_t> panel(std::max<int64_t>(rank, 1) * kExpandCols);
 #pragma omp for schedule(dynamic, 4) nowait
-      for (int64_t w = 0; w < panel_count; ++w) expand_item(panel_items[w], panel.data());
+      for (int64_t w = 0; w < panel_count; ++w)
+        expand_item(panel_items[w], panel.data(), w + 1 < panel_count ? &panel_items[w + 1] : nullptr);
     }
   }
   return "";
