@@ -29,11 +29,17 @@ def _info(args) -> int:
 def _bench_shared_basis(args) -> int:
     from .benchmarking import shared_basis
 
-    grid = shared_basis.quick_grid() if args.quick else shared_basis.full_grid(args.dim)
+    if args.quick:
+        grid = shared_basis.quick_grid()
+    elif args.decode:
+        grid = shared_basis.decode_grid(args.dim)
+    else:
+        grid = shared_basis.full_grid(args.dim)
     if args.dtype:
         grid = [cfg for cfg in grid if cfg.dtype == args.dtype]
     out_dir = None if args.no_save else Path(args.out)
-    stem = args.stem or ("shared_basis_quick" if args.quick else "shared_basis_cpu")
+    stem = args.stem or ("shared_basis_quick" if args.quick else
+                         "shared_basis_decode_cpu" if args.decode else "shared_basis_cpu")
     rows, table = shared_basis.run(grid, out_dir, with_peft=not args.no_peft, stem=stem)
     print(table)
     if out_dir is not None:
@@ -57,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     suites = bench.add_subparsers(dest="suite", required=True)
     shared = suites.add_parser("shared-basis", help="shared_basis_lora / multi_lora vs base GEMM, composition, PEFT")
     shared.add_argument("--quick", action="store_true", help="a one-minute subset at d = 1024")
+    shared.add_argument("--decode", action="store_true",
+                        help="the decode shapes only: one adapter per token, N = T in {16, 64, 256}, C = 1")
     shared.add_argument("--dim", type=int, default=4096, help="d_in = d_out (default 4096)")
     shared.add_argument("--dtype", choices=["float32", "bfloat16"], help="only this dtype")
     shared.add_argument("--no-peft", action="store_true", help="skip the PEFT mixed-batch baseline")

@@ -6,8 +6,11 @@ For each (dtype, clusters C, rank R, tokens T, adapters N) it times, in the same
   composition  base + the plain-PyTorch composition (two GEMMs + gather of Σ)
   multi_lora   base + lolakernels.multi_lora on the equivalent uncompressed adapters (rank R)
   peft         PEFT's mixed-batch forward (adapter_names=) on those adapters, PEFT's defaults
-and reports overheads over the base GEMM, speed ratios, and the fraction of measured memory
-bandwidth the LoRA part reaches at T = 1.
+each right after a cache flush, as every layer of a model finds its weights in memory, and
+reports the time each adds over the base GEMM (paired within a sample, see
+timing.cold_paired_seconds), speed ratios of those added times, and the fraction of measured
+memory bandwidth the shared_basis_lora call alone reaches. The warm figure (the call repeated on
+its own, bank in cache) is kept beside it for comparison with earlier reports.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 import lolakernels
 from lolakernels.reference import shared_basis_lora_torch
 
-from .timing import interleaved_seconds, machine_description, measure_read_bandwidth, write_results, headless_pyplot
+from .timing import (CacheFlush, cold_paired_seconds, headless_pyplot, interleaved_seconds, machine_description,
+                     measure_read_bandwidth, write_results)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,12 @@ def full_grid(d: int = 4096) -> list[Config]:
     grid += [Config(dtype, 1, rank, n, n, d, d) for dtype in ("float32", "bfloat16") for rank in (16, 64)
              for n in (64, 256)]
     return grid
+
+
+def decode_grid(d: int = 4096) -> list[Config]:
+    """One adapter per token (N = T ∈ {16, 64, 256}), C = 1: the multi-LoRA decode shapes."""
+    return [Config(dtype, 1, rank, n, n, d, d) for dtype in ("float32", "bfloat16") for rank in (16, 64)
+            for n in (16, 64, 256)]
 
 
 def quick_grid(d: int = 1024) -> list[Config]:
@@ -116,71 +126,71 @@ def _lora_bytes(cfg: Config, ids: torch.Tensor, basis_of: torch.Tensor, element_
     return (weights + activations) * element_size
 
 
-def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bool) -> dict:
+def _twin(cfg: Config) -> Config:
+    """The same batch (C, R, N, T, ids) on a 64 × 64 layer: the cache prime of every timed call."""
+    return Config(cfg.dtype, cfg.clusters, cfg.rank, cfg.tokens, cfg.adapters, 64, 64)
+
+
+def _layer_methods(cfg: Config, a: _Adapters, with_peft: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """{name: callable} for base, every layer variant and the shared_basis_lora call alone, on
+    inputs drawn from the config's own seed; returns them with x and ids."""
     dtype = getattr(torch, cfg.dtype)
     generator = torch.Generator().manual_seed(cfg.tokens * 7919 + cfg.adapters)
     x = torch.randn(cfg.tokens, cfg.d_in, generator=generator).to(dtype)
     ids = torch.randint(0, cfg.adapters, (cfg.tokens,), generator=generator, dtype=torch.int32)
-    a = adapters
-
-    def base():
-        return F.linear(x, a.weight)
-
-    def shared():
-        return lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids, basis_of=a.basis_of,
-                                             out=F.linear(x, a.weight), validate=False)
-
-    def shared_only():
-        return lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids, basis_of=a.basis_of, validate=False)
-
-    def composition():
-        return F.linear(x, a.weight) + shared_basis_lora_torch(x, a.lora_a, a.lora_b, a.sigma, ids, a.basis_of)
-
-    methods = {"base": base, "shared": shared, "shared_lora_only": shared_only, "composition": composition}
-    row = asdict(cfg)
-    max_error = {}
+    methods = {
+        "base": lambda: F.linear(x, a.weight),
+        "shared": lambda: lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids, basis_of=a.basis_of,
+                                                        out=F.linear(x, a.weight), validate=False),
+        "shared_lora_only": lambda: lolakernels.shared_basis_lora(x, a.lora_a, a.lora_b, a.sigma, ids,
+                                                                  basis_of=a.basis_of, validate=False),
+        "composition": lambda: F.linear(x, a.weight) + shared_basis_lora_torch(x, a.lora_a, a.lora_b, a.sigma, ids,
+                                                                              a.basis_of),
+    }
     # multi_lora and PEFT run on uncompressed adapters, which do not depend on C: measured at C = 1.
     if cfg.clusters == 1:
         lora_a_flat, lora_b_flat = a.uncompressed()
-
-        def multi():
-            return lolakernels.multi_lora(x, lora_a_flat, lora_b_flat, ids, out=F.linear(x, a.weight), validate=False)
-
-        methods["multi_lora"] = multi
+        methods["multi_lora"] = lambda: lolakernels.multi_lora(x, lora_a_flat, lora_b_flat, ids,
+                                                               out=F.linear(x, a.weight), validate=False)
         if with_peft:
-            layer = a.peft_layer()
-            names = [f"a{i}" for i in ids.tolist()]
-            x3 = x.unsqueeze(1)
+            layer, names, x3 = a.peft_layer(), [f"a{i}" for i in ids.tolist()], x.unsqueeze(1)
+            methods["peft"] = lambda: layer(x3, adapter_names=names)
+    return methods, x, ids
 
-            def peft_mixed():
-                with torch.no_grad():
-                    return layer(x3, adapter_names=names)
 
-            methods["peft"] = peft_mixed
-            reference = peft_mixed().squeeze(1).float()
-            scale = reference.abs().max().item()
-            max_error["multi_lora_vs_peft"] = (multi().float() - reference).abs().max().item() / scale
-            max_error["shared_vs_peft"] = (shared().float() - reference).abs().max().item() / scale
-    times = interleaved_seconds(methods)
+def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bool,
+               flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
+    methods, x, ids = _layer_methods(cfg, adapters, with_peft)
+    primes = _layer_methods(_twin(cfg), twin, with_peft)[0] if twin is not None else None
+    layers = {name: fn for name, fn in methods.items() if name not in ("base", "shared_lora_only")}
+    row = asdict(cfg)
     with torch.no_grad():
-        for name in times:
-            row[f"{name}_ms"] = times[name] * 1e3
-        for name in ("shared", "composition", "multi_lora", "peft"):
-            if name in times:
-                row[f"{name}_overhead_pct"] = 100 * (times[name] / times["base"] - 1)
-        row["shared_speedup_vs_composition"] = times["composition"] / times["shared"]
-        if "peft" in times:
-            row["shared_speedup_vs_peft"] = times["peft"] / times["shared"]
-            row["multi_lora_speedup_vs_peft"] = times["peft"] / times["multi_lora"]
-            # The LoRA part alone: time each adds on top of the same base GEMM. When noise makes
-            # either added time non-positive, the ratio means nothing and is left out.
-            added_multi, added_peft = times["multi_lora"] - times["base"], times["peft"] - times["base"]
-            row["multi_lora_added_time_speedup_vs_peft"] = (
-                added_peft / added_multi if added_multi > 0 and added_peft > 0 else None)
-        lora_bytes = _lora_bytes(cfg, ids, a.basis_of, x.element_size())
-        row["lora_bytes"] = lora_bytes
-        row["lora_fraction_of_bandwidth"] = lora_bytes / times["shared_lora_only"] / bandwidth
-        row.update({f"max_rel_error_{k}": v for k, v in max_error.items()})
+        if "peft" in methods:
+            reference = methods["peft"]().squeeze(1).float()
+            scale = reference.abs().max().item()
+            for name in ("multi_lora", "shared"):
+                error = (methods[name]().float() - reference).abs().max().item()
+                row[f"max_rel_error_{name}_vs_peft"] = error / scale
+        warm = interleaved_seconds({"base": methods["base"], "shared_lora_only": methods["shared_lora_only"]})
+        base_cold, cold, added = cold_paired_seconds(
+            methods["base"], {**layers, "shared_lora_only": methods["shared_lora_only"]}, samples=samples,
+            flush=flush, primes=primes)
+    row["base_ms"] = warm["base"] * 1e3
+    row["shared_lora_only_ms"] = warm["shared_lora_only"] * 1e3
+    row["base_cold_ms"] = base_cold * 1e3
+    row["shared_lora_only_cold_ms"] = cold["shared_lora_only"] * 1e3
+    for name in layers:
+        row[f"{name}_cold_ms"] = cold[name] * 1e3
+        row[f"{name}_added_ms"] = added[name] * 1e3
+        row[f"{name}_added_pct"] = 100 * added[name] / base_cold
+    # Ratios of added times; when noise leaves either one non-positive the ratio means nothing.
+    ratio = lambda slow, fast: slow / fast if slow > 0 and fast > 0 else None  # noqa: E731
+    row["shared_speedup_vs_composition"] = ratio(added["composition"], added["shared"])
+    if "peft" in added:
+        row["multi_lora_added_time_speedup_vs_peft"] = ratio(added["peft"], added["multi_lora"])
+        row["shared_added_time_speedup_vs_peft"] = ratio(added["peft"], added["shared"])
+    row["lora_bytes"] = _lora_bytes(cfg, ids, adapters.basis_of, x.element_size())
+    row["lora_fraction_of_bandwidth"] = row["lora_bytes"] / cold["shared_lora_only"] / bandwidth
     return row
 
 
@@ -194,64 +204,71 @@ def _ratio(value):
     return "–" if value is None else f"{value:.2f}×"
 
 
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:+.1f}%"
+
+
 def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
+    shapes = ", ".join(sorted({f"{r['d_in']} × {r['d_out']}" for r in rows}))
     lines = [
         f"# shared-basis LoRA on {machine}",
         "",
-        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. d_in = d_out = {rows[0]['d_in']}, JD-Full Σ.",
-        "Overheads are (layer time / base GEMM time − 1), each the best of 3 interleaved medians; on this",
-        "shared machine they carry several % of noise, so 'LoRA only' (the shared_basis_lora call alone,",
-        "over the base GEMM time) is the steadier figure. PEFT runs its own defaults.",
+        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. d_in × d_out = {shapes}, JD-Full Σ.",
+        "Every call runs right after a cache flush, as a layer of a model finds its weights in memory.",
+        "'+ X' is the time X adds over the base GEMM: the median over samples of (layer − base GEMM) timed",
+        "moments apart, over the median cold base GEMM. 'alone, warm' is the shared_basis_lora call repeated",
+        "on its own with the bank in cache (the figure earlier reports gave). Ratios compare added times.",
+        "PEFT runs its own defaults; multi_lora and PEFT hold uncompressed adapters, so they run at C = 1.",
         "",
-        "| dtype | C | R | T | N | base ms | LoRA only, % of base | shared +% | composition +% | multi_lora +% "
-        "| PEFT +% | shared vs composition | multi_lora vs PEFT (layer) | multi_lora vs PEFT (added time) "
-        "| LoRA part, % of bandwidth |",
+        "| dtype | C | R | T | N | base ms (cold) | + shared_basis_lora | alone, warm | + composition "
+        "| + multi_lora | + PEFT | shared vs composition | multi_lora vs PEFT | shared vs PEFT "
+        "| shared alone (cold), % of bandwidth |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
-            f"| {_fmt(r['base_ms'], 2)} | {_fmt(100 * r['shared_lora_only_ms'] / r['base_ms'])} "
-            f"| {_fmt(r['shared_overhead_pct'])} | {_fmt(r['composition_overhead_pct'])} "
-            f"| {_fmt(r.get('multi_lora_overhead_pct'))} | {_fmt(r.get('peft_overhead_pct'))} "
-            f"| {_fmt(r['shared_speedup_vs_composition'], 2)}× | "
-            f"{_ratio(r.get('multi_lora_speedup_vs_peft'))} | {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} "
-            f"| {_fmt(100 * r['lora_fraction_of_bandwidth'])} |"
+            f"| {_fmt(r['base_cold_ms'], 2)} | {_pct(r['shared_added_pct'])} "
+            f"| {_fmt(100 * r['shared_lora_only_ms'] / r['base_ms'])}% | {_pct(r['composition_added_pct'])} "
+            f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
+            f"| {_ratio(r.get('shared_speedup_vs_composition'))} "
+            f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} "
+            f"| {_ratio(r.get('shared_added_time_speedup_vs_peft'))} | {_fmt(100 * r['lora_fraction_of_bandwidth'])} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def summary_table(payload: dict) -> str:
-    """The README's condensed table: T ∈ {16, 256} × N ∈ {64, 1024}, plus N = T = 64."""
-    rows = [r for r in payload["rows"]
-            if (r["tokens"] in (16, 256) and r["adapters"] in (64, 1024)) or r["tokens"] == r["adapters"] == 64]
+def summary_table(payload: dict, decode: bool = False) -> str:
+    """The README's condensed table: T ∈ {16, 256} × N ∈ {64, 1024} plus N = T = 64 (or, with
+    decode, every row of a decode_grid run)."""
+    rows = [r for r in payload["rows"] if decode or (r["tokens"] in (16, 256) and r["adapters"] in (64, 1024))
+            or r["tokens"] == r["adapters"] == 64]
     rows.sort(key=lambda r: (r["dtype"] != "float32", r["clusters"], r["rank"], r["tokens"], r["adapters"]))
-    pct = lambda v: "–" if v is None else f"{v:+.0f}%"  # noqa: E731
     lines = [
-        "| dtype | C | R | T | N | base GEMM | shared_basis_lora, LoRA only | + composition | + multi_lora "
-        "| + PEFT mixed batch | multi_lora vs PEFT (added time) |",
+        "| dtype | C | R | T | N | base GEMM (cold) | + shared_basis_lora | + composition | + multi_lora "
+        "| + PEFT mixed batch | multi_lora vs PEFT |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} | {r['base_ms']:.1f} ms "
-            f"| {100 * r['shared_lora_only_ms'] / r['base_ms']:.1f}% | {pct(r['composition_overhead_pct'])} "
-            f"| {pct(r.get('multi_lora_overhead_pct'))} | {pct(r.get('peft_overhead_pct'))} "
+            f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
+            f"| {r['base_cold_ms']:.1f} ms | {_pct(r['shared_added_pct'])} | {_pct(r['composition_added_pct'])} "
+            f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
             f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> Optional[Path]:
-    """Overhead over the base GEMM vs N (C = 1, R = 16): shared basis vs PEFT mixed batch."""
+    """Added time over the base GEMM vs N (C = 1, R = 16): shared basis vs multi_lora vs PEFT."""
     plt = headless_pyplot()
     if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for axis, dtype in zip(axes, ("float32", "bfloat16")):
         for tokens, style in ((16, "-"), (256, "--")):
-            for key, label, color in (("shared_overhead_pct", "shared_basis_lora", "tab:blue"),
-                                      ("multi_lora_overhead_pct", "multi_lora", "tab:green"),
-                                      ("peft_overhead_pct", "PEFT mixed batch", "tab:red")):
+            for key, label, color in (("shared_added_pct", "shared_basis_lora", "tab:blue"),
+                                      ("multi_lora_added_pct", "multi_lora", "tab:green"),
+                                      ("peft_added_pct", "PEFT mixed batch", "tab:red")):
                 points = sorted((r["adapters"], r[key]) for r in rows if r["dtype"] == dtype and r["clusters"] == 1
                                 and r["rank"] == 16 and r["tokens"] == tokens and key in r)
                 if points:
@@ -259,10 +276,11 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
         axis.set_xscale("log")
         axis.set_yscale("symlog", linthresh=10)
         axis.set_xlabel("adapters N in the bank")
-        axis.set_ylabel("added time over base GEMM (%)")
-        axis.set_title(f"{dtype}, R = 16, 4096×4096")
+        axis.set_ylabel("added time over the cold base GEMM (%)")
+        axis.set_title(f"{dtype}, R = 16, {rows[0]['d_in']}×{rows[0]['d_out']}")
         axis.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -270,26 +288,29 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 
 
 def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = True, stem: str = "shared_basis_cpu",
-        progress: bool = True) -> tuple[list[dict], str]:
+        progress: bool = True, samples: int = 15) -> tuple[list[dict], str]:
     """Runs every config; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
     bandwidth = measure_read_bandwidth()
     machine = machine_description()
+    flush = CacheFlush("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    cache_key, adapters = None, None
+    cache_key, adapters, twin = None, None, None
     for index, cfg in enumerate(sorted(configs, key=lambda c: (c.dtype, c.clusters, c.rank, c.adapters, c.tokens))):
         key = (cfg.dtype, cfg.clusters, cfg.rank, cfg.adapters, cfg.d_in, cfg.d_out)
         if key != cache_key:
-            adapters, cache_key = _Adapters(cfg), key
-        row = run_config(cfg, adapters, bandwidth, with_peft)
+            adapters, twin, cache_key = _Adapters(cfg), _Adapters(_twin(cfg)), key
+        row = run_config(cfg, adapters, bandwidth, with_peft, flush=flush, samples=samples, twin=twin)
         rows.append(row)
         if progress:
             print(f"[{index + 1}/{len(configs)}] {cfg.dtype} C={cfg.clusters} R={cfg.rank} T={cfg.tokens} "
-                  f"N={cfg.adapters}: base {row['base_ms']:.2f} ms, shared +{row['shared_overhead_pct']:.1f}%"
-                  + (f", PEFT +{row['peft_overhead_pct']:.0f}%" if "peft_overhead_pct" in row else ""), flush=True)
+                  f"N={cfg.adapters}: base {row['base_cold_ms']:.2f} ms, shared {_pct(row['shared_added_pct'])}"
+                  + (f", multi_lora {_pct(row['multi_lora_added_pct'])}" if "multi_lora_added_pct" in row else "")
+                  + (f", PEFT {_pct(row['peft_added_pct'])}" if "peft_added_pct" in row else ""), flush=True)
     table = markdown_table(rows, machine, bandwidth)
     if out_dir is not None:
         payload = {"machine": machine, "read_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__,
-                   "lolakernels": lolakernels.__version__, "rows": rows}
+                   "lolakernels": lolakernels.__version__, "timing": "cold, paired (timing.cold_paired_seconds)",
+                   "samples": samples, "rows": rows}
         write_results(out_dir, stem, payload, table)
         plot(rows, out_dir / f"{stem}.png")
     return rows, table

@@ -38,6 +38,79 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int = 3, *
     return best
 
 
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of the CPU's largest cache level (sysfs), or `default` where sysfs does not say."""
+    sizes = []
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
+
+
+class CacheFlush:
+    """Evicts the caches by reading a buffer three times the last-level cache (the GPU's L2 on a
+    GPU), so that the next call finds its weights in memory, as every layer of a model does."""
+
+    def __init__(self, device: str = "cpu"):
+        if device == "cuda":
+            cache = torch.cuda.get_device_properties(0).L2_cache_size
+        else:
+            cache = last_level_cache_bytes()
+        self._buffer = torch.ones(3 * cache // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self._buffer.sum()
+        if self._buffer.is_cuda:
+            torch.cuda.synchronize()
+
+
+def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], object]], *, samples: int = 15,
+                        flush: Callable[[], None] | None = None,
+                        primes: dict[str, Callable[[], object]] | None = None
+                        ) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Cold-cache times of `base` and of each fn, and what each adds over `base`.
+
+    Every call runs right after a cache flush, then (untimed) its entry in `primes`, keyed by the
+    fn's name or "base": the same call on tiny stand-in data. In a model the interpreter, the
+    dispatcher and the kernels' code stay in cache from layer to layer and only the weights come
+    from memory; the flush evicts both, and the prime brings back the first without the second.
+    Each sample times base and every fn once, in an order that rotates from sample to sample,
+    and a fn's added time is the median over samples of (fn − base) within the sample: on a
+    shared machine the base GEMM drifts by more than a small LoRA term costs, and pairing calls
+    that ran moments apart cancels that drift.
+    Returns (median base seconds, {name: median seconds}, {name: median added seconds})."""
+    flush = flush or CacheFlush("cuda" if torch.cuda.is_available() else "cpu")
+    primes = dict(primes or {})
+    if "base" in primes:
+        primes["__base__"] = primes.pop("base")
+    everything = {"__base__": base, **fns}
+    names = list(everything)
+    for fn in everything.values():  # warm-up: allocations, first-call dispatch
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for sample in range(samples):
+        for offset in range(len(names)):
+            name = names[(sample + offset) % len(names)]
+            flush()
+            if name in primes:
+                primes[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            everything[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - begin)
+    base_times = times.pop("__base__")
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    added = {name: statistics.median(t - b for t, b in zip(values, base_times)) for name, values in times.items()}
+    return statistics.median(base_times), medians, added
+
+
 def measure_read_bandwidth(num_bytes: int = 1 << 30) -> float:
     """Bytes/s of a streaming read (sum of a buffer far larger than the caches), on all threads."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
