@@ -198,6 +198,25 @@ _IMPLEMENTATIONS = {
 }
 
 
+# select() per (LOLA_BACKEND, device, dtype, token count) on the per-layer hot path; the token
+# count matters only on CUDA (the cuda backend serves decode batches), so CPU calls share a key.
+_SELECTED: dict[tuple, str] = {}
+
+
+def select_for(device: torch.device, dtype: torch.dtype, num_tokens: int) -> str:
+    """``select(Case(device, dtype, num_tokens))``, memoized: in a model every layer asks the same
+    question, and building the case and walking the backends costs more than a small kernel."""
+    key = (os.environ.get("LOLA_BACKEND", ""), device, dtype, num_tokens if device.type == "cuda" else -1)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = select(Case(device, dtype, num_tokens))
+        if len(_SELECTED) >= 4096:
+            _SELECTED.clear()
+        _SELECTED[key] = name
+    return name
+
+
+@functools.lru_cache(maxsize=None)
 def implementation(name: str, family: str = "shared_basis_lora") -> ModuleType:
     """The module holding backend `name`'s kernels of an op family."""
     return importlib.import_module(_IMPLEMENTATIONS[family][name])

@@ -19,6 +19,11 @@ SHAPES = [  # (T, d_in, d_out, R, N, C)
     # odd d_in spanning two chunks (an odd last pair), a cluster below the threshold beside them.
     (90, 1031, 40, 80, 6, 2),
     (61, 33, 17, 3, 2, 1),
+    # Clusters below 24 tokens take the dot-product shrink, whose rank tiles are split across
+    # items when there are few groups: one cluster with several token tiles, a partial last rank
+    # tile and d_in over two chunks; then several small clusters.
+    (23, 1100, 50, 37, 5, 1),
+    (22, 70, 33, 13, 40, 3),
 ]
 BACKEND_IDS = [f"{b}-{isa}" if isa else b for b, isa in CPU_BACKENDS]
 
@@ -42,7 +47,7 @@ LOW_PRECISION = [(b, isa, torch.bfloat16) for b, isa in CPU_BACKENDS] + [("refer
 
 @pytest.mark.parametrize("backend,isa,dtype", LOW_PRECISION,
                          ids=[f"{b}-{isa}-{str(d)[6:]}" for b, isa, d in LOW_PRECISION])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[7], SHAPES[8]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[7], SHAPES[8], SHAPES[9]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
 @pytest.mark.parametrize("sigma_kind", ["diag", "full"])
 def test_low_precision_within_twice_plain_torch_error(use_backend, backend, isa, dtype, shape, sigma_kind):
     use_backend(backend, isa)
@@ -158,3 +163,20 @@ def test_default_backend_on_cpu_is_the_cpu_extension(monkeypatch):
     monkeypatch.delenv("LOLA_BACKEND", raising=False)
     assert _backends.select(_backends.Case(torch.device("cpu"), torch.float32, 8)) == "cpu"
     assert _backends.select(_backends.Case(torch.device("cpu"), torch.float16, 8)) == "reference"
+
+
+def test_memoized_backend_choice_follows_lolabackend(monkeypatch):
+    """The per-call choice is cached, but setting LOLA_BACKEND between calls still takes effect."""
+    from lolakernels import _backends
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    assert _backends.select_for(cpu, torch.float32, 8) == "cpu"
+    assert _backends.select_for(cpu, torch.float16, 8) == "reference"
+    monkeypatch.setenv("LOLA_BACKEND", "reference")
+    assert _backends.select_for(cpu, torch.float32, 8) == "reference"
+    monkeypatch.setenv("LOLA_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match="LOLA_BACKEND=cpu cannot run this call"):
+        _backends.select_for(cpu, torch.float16, 8)
+    monkeypatch.delenv("LOLA_BACKEND")
+    assert _backends.select_for(cpu, torch.float32, 8) == "cpu"

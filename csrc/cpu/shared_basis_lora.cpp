@@ -43,12 +43,12 @@ struct Group {
 // Whether a group's shrink runs on a packed panel (shrink_packed_groups) or on dot-product tiles.
 inline bool takes_packed_shrink(const Group& group) { return group.end - group.begin >= kPackedShrinkMinTokens; }
 
-// A tile of up to kShrinkTokens tokens of one group, over ranks [rank_begin, rank_end).
+// The dot-product shrink of one small group over ranks [rank_begin, rank_end): all of the
+// group's tokens, so that each rank range of lora_a[cluster] is read from memory by one item.
 struct ShrinkItem {
   int32_t group;
   int32_t rank_begin;
   int32_t rank_end;
-  int64_t token_begin;
 };
 
 struct ExpandItem {
@@ -233,35 +233,45 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
 
   // Shrink of large groups: lora_a[cluster] transposed chunk by chunk (see shrink_packed_groups).
   if (rank > 0 && p.d_in > 0) shrink_packed_groups(p, kernels, groups, order, h.data(), num_threads);
-  // Shrink of the other groups: each item owns a token tile and walks d_in in chunks, passing
-  // every rank tile of the chunk over the same x rows (kept in L1). With few token tiles (decode)
-  // the ranks are split across items too, so every thread has work.
+  // Shrink of the other groups (fewer than kPackedShrinkMinTokens tokens each, so their x rows
+  // of one d_in chunk fit in L2). An item walks d_in in chunks; in each chunk every rank tile of
+  // lora_a (kShrinkRanks rows, kept in L1) passes over all of the group's token tiles, so lora_a
+  // is read from memory once however many tokens the group has. With fewer groups than two per
+  // thread (prefill with one cluster, decode) each group's rank tiles are split evenly across
+  // items, so every thread reads a disjoint part of lora_a.
   std::vector<ShrinkItem> shrink_items;
   if (rank > 0 && p.d_in > 0) {
-    int64_t token_tiles = 0;
-    for (const Group& group : groups)
-      if (!takes_packed_shrink(group)) token_tiles += (group.end - group.begin + kShrinkTokens - 1) / kShrinkTokens;
-    const int64_t rank_span = token_tiles >= 2 * num_threads ? rank : kShrinkRanks;
-    for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi)
-      if (!takes_packed_shrink(groups[gi]))
-        for (int64_t i = groups[gi].begin; i < groups[gi].end; i += kShrinkTokens)
-          for (int64_t k = 0; k < rank; k += rank_span)
-            shrink_items.push_back({gi, static_cast<int32_t>(k), static_cast<int32_t>(std::min(rank, k + rank_span)), i});
+    int64_t small_groups = 0;
+    for (const Group& group : groups) small_groups += takes_packed_shrink(group) ? 0 : 1;
+    const int64_t rank_tiles = (rank + kShrinkRanks - 1) / kShrinkRanks;
+    const int64_t parts = small_groups == 0 ? 1
+        : std::clamp<int64_t>((2 * num_threads + small_groups - 1) / small_groups, 1, rank_tiles);
+    for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
+      if (takes_packed_shrink(groups[gi])) continue;
+      for (int64_t part = 0; part < parts; ++part) {
+        const int64_t first = rank_tiles * part / parts * kShrinkRanks;
+        const int64_t last = std::min(rank, rank_tiles * (part + 1) / parts * kShrinkRanks);
+        if (first < last) shrink_items.push_back({gi, static_cast<int32_t>(first), static_cast<int32_t>(last)});
+      }
+    }
   }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t w = 0; w < static_cast<int64_t>(shrink_items.size()); ++w) {
     const ShrinkItem item = shrink_items[w];
     const Group& group = groups[item.group];
-    const int tokens = static_cast<int>(std::min<int64_t>(kShrinkTokens, group.end - item.token_begin));
+    const int64_t tokens = group.end - group.begin;
     for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
       const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
-      const void* x_rows[kShrinkTokens];
-      for (int i = 0; i < tokens; ++i)
-        x_rows[i] = x_bytes + (order[item.token_begin + i] * p.x_row_stride + chunk) * element_size;
+      const void* x_rows[kPackedShrinkMinTokens];
+      for (int64_t i = 0; i < tokens; ++i)
+        x_rows[i] = x_bytes + (order[group.begin + i] * p.x_row_stride + chunk) * element_size;
       for (int64_t k = item.rank_begin; k < item.rank_end; k += kShrinkRanks) {
         const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, item.rank_end - k));
         const void* a_rows = a_bytes + ((group.cluster * rank + k) * p.d_in + chunk) * element_size;
-        kernels.shrink(x_rows, a_rows, p.d_in, length, tokens, ranks, h.data() + item.token_begin * rank + k, rank);
+        for (int64_t i = 0; i < tokens; i += kShrinkTokens) {
+          const int tile = static_cast<int>(std::min<int64_t>(kShrinkTokens, tokens - i));
+          kernels.shrink(x_rows + i, a_rows, p.d_in, length, tile, ranks, h.data() + (group.begin + i) * rank + k, rank);
+        }
       }
     }
   }
