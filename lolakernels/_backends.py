@@ -9,9 +9,8 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,9 +18,9 @@ BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 REFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Case:
-    """What a backend needs to know to accept or decline one call."""
+class Case(NamedTuple):
+    """What a backend needs to know to accept or decline one call. (A named tuple: every layer of
+    a model builds one per call, and a frozen dataclass costs several times as much to build.)"""
 
     device: torch.device
     dtype: torch.dtype
@@ -163,8 +162,25 @@ def forced_backend() -> Optional[str]:
     return name
 
 
+# select()'s answers per (LOLA_BACKEND, case): in a model every layer asks the same question, and
+# walking the backends costs more than a small kernel. Keyed on the variable's raw value, so
+# setting it between calls still takes effect; refusals are not stored.
+_SELECTED: dict[tuple, str] = {}
+
+
 def select(case: Case) -> str:
     """Name of the backend that runs this case."""
+    key = (os.environ.get("LOLA_BACKEND", ""), case)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _select_uncached(case)
+        if len(_SELECTED) >= 4096:
+            _SELECTED.clear()
+        _SELECTED[key] = name
+    return name
+
+
+def _select_uncached(case: Case) -> str:
     forced = forced_backend()
     if forced is not None:
         reason = _decline_reason(forced, case)
@@ -196,24 +212,6 @@ _IMPLEMENTATIONS = {
         "cuda": "lolakernels.cuda",
     },
 }
-
-
-# select() per (LOLA_BACKEND, device, dtype, token count) on the per-layer hot path; the token
-# count matters only on CUDA (the cuda backend serves decode batches), so CPU calls share a key.
-_SELECTED: dict[tuple, str] = {}
-
-
-def select_for(device: torch.device, dtype: torch.dtype, num_tokens: int) -> str:
-    """``select(Case(device, dtype, num_tokens))``, memoized: in a model every layer asks the same
-    question, and building the case and walking the backends costs more than a small kernel."""
-    key = (os.environ.get("LOLA_BACKEND", ""), device, dtype, num_tokens if device.type == "cuda" else -1)
-    name = _SELECTED.get(key)
-    if name is None:
-        name = select(Case(device, dtype, num_tokens))
-        if len(_SELECTED) >= 4096:
-            _SELECTED.clear()
-        _SELECTED[key] = name
-    return name
 
 
 @functools.lru_cache(maxsize=None)

@@ -112,7 +112,7 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
     if x.shape[0] == 0 or lora_b.shape[1] == 0:
         return
-    backend = _backends.select_for(x.device, x.dtype, x.shape[0])
+    backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
     )

@@ -166,17 +166,17 @@ def test_default_backend_on_cpu_is_the_cpu_extension(monkeypatch):
 
 
 def test_memoized_backend_choice_follows_lolabackend(monkeypatch):
-    """The per-call choice is cached, but setting LOLA_BACKEND between calls still takes effect."""
+    """The choice is cached per call, but setting LOLA_BACKEND between calls still takes effect."""
     from lolakernels import _backends
 
-    cpu = torch.device("cpu")
+    fp32, fp16 = (_backends.Case(torch.device("cpu"), dtype, 8) for dtype in (torch.float32, torch.float16))
     monkeypatch.delenv("LOLA_BACKEND", raising=False)
-    assert _backends.select_for(cpu, torch.float32, 8) == "cpu"
-    assert _backends.select_for(cpu, torch.float16, 8) == "reference"
+    assert _backends.select(fp32) == "cpu"
+    assert _backends.select(fp16) == "reference"
     monkeypatch.setenv("LOLA_BACKEND", "reference")
-    assert _backends.select_for(cpu, torch.float32, 8) == "reference"
+    assert _backends.select(fp32) == "reference"
     monkeypatch.setenv("LOLA_BACKEND", "cpu")
     with pytest.raises(RuntimeError, match="LOLA_BACKEND=cpu cannot run this call"):
-        _backends.select_for(cpu, torch.float16, 8)
+        _backends.select(fp16)
     monkeypatch.delenv("LOLA_BACKEND")
-    assert _backends.select_for(cpu, torch.float32, 8) == "cpu"
+    assert _backends.select(fp32) == "cpu"
