@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from types import ModuleType
 from typing import NamedTuple, Optional
 
 import torch
+
+from . import _env
 
 BACKEND_NAMES = ("cuda", "triton", "cpu", "reference")
 REFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,7 +34,7 @@ class Case(NamedTuple):
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    return _env.read("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +155,7 @@ def _default_order(device: torch.device) -> tuple[str, ...]:
 
 
 def forced_backend() -> Optional[str]:
-    name = os.environ.get("LOLA_BACKEND", "").strip().lower()
+    name = _env.read("LOLA_BACKEND").strip().lower()
     if not name:
         return None
     if name not in BACKEND_NAMES:
@@ -170,7 +171,7 @@ _SELECTED: dict[tuple, str] = {}
 
 def select(case: Case) -> str:
     """Name of the backend that runs this case."""
-    key = (os.environ.get("LOLA_BACKEND", ""), case)
+    key = (_env.read("LOLA_BACKEND"), case)
     name = _SELECTED.get(key)
     if name is None:
         name = _select_uncached(case)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _env
 from ._checks import (
     require_contiguous,
     require_dims,
@@ -25,6 +25,7 @@ from ._checks import (
     require_size,
     require_unit_inner_stride,
 )
+from .cpu import CPU_DTYPES  # the wrapper only; the extension itself loads on first use
 from .reference.shared_basis_lora import shared_basis_lora_backward
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -106,13 +107,61 @@ def check_shared_basis_values(
         require_in_range("ranks", ranks, 0, rank, f"[0, {rank}] (R = {rank})")
 
 
-def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
-    """Value checks, then the selected backend's kernel (arguments already shape-checked)."""
+def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset) -> bool:
+    """Whether a call is one the cpu backend takes as it is, with every check of
+    check_shared_basis_args passing: the per-layer call of CPU inference, judged in one expression.
+
+    This is the whole per-call cost of the checks there: right after a cache-evicting GEMM the
+    thirty small functions of the full checks and the backend walk cost ~60 µs, about 2% of a
+    decode-size bf16 GEMM. False means only "not vouched for": the caller then runs the full
+    checks, which raise with the reason, or routes the call to the backend that takes it. So every
+    condition here is at least as strict as the check it stands for (tests/test_refusals.py sends
+    every refused input through this first)."""
+    try:
+        num_tokens, d_in = x.shape
+        num_clusters, rank, a_d_in = lora_a.shape
+        b_clusters, d_out, b_rank = lora_b.shape
+        (num_adapters,) = basis_of.shape
+        dtype = x.dtype
+        return (
+            dtype in CPU_DTYPES and _env.read("LOLA_BACKEND") in ("", "cpu") and _cpu_built()
+            and x.is_cpu and x.stride(1) == 1
+            and a_d_in == d_in and b_clusters == num_clusters and b_rank == rank
+            and lora_a.dtype == dtype and lora_a.is_cpu and lora_a.is_contiguous()
+            and lora_b.dtype == dtype and lora_b.is_cpu and lora_b.is_contiguous()
+            and ids.shape == (num_tokens,) and ids.dtype == torch.int32 and ids.is_cpu and ids.is_contiguous()
+            and basis_of.dtype == torch.int32 and basis_of.is_cpu and basis_of.is_contiguous()
+            and (sigma is None or (
+                (sigma.shape == (num_adapters, rank) or sigma.shape == (num_adapters, rank, rank))
+                and sigma.dtype == dtype and sigma.is_cpu and sigma.is_contiguous()))
+            and (adapter_scale is None or (
+                adapter_scale.shape == (num_adapters,) and adapter_scale.dtype == torch.float32
+                and adapter_scale.is_cpu and adapter_scale.is_contiguous()))
+            and (ranks is None or (
+                ranks.shape == (num_adapters,) and ranks.dtype == torch.int32 and ranks.is_cpu
+                and ranks.is_contiguous()))
+            and type(scale) is float and math.isfinite(scale)
+            and (out is None or (
+                out.dim() == 2 and out.shape[0] == num_tokens and out.dtype == dtype and out.is_cpu
+                and out.stride(1) == 1 and 0 <= out_offset and out_offset + d_out <= out.shape[1]))
+        )
+    except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dims
+        return False
+
+
+def _cpu_built() -> bool:
+    return _backends.backend_available("cpu")[0]
+
+
+def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate,
+            backend=None):
+    """Value checks, then the kernel of `backend` (else the selected one); arguments already shape-checked."""
     if validate:
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
     if x.shape[0] == 0 or lora_b.shape[1] == 0:
         return
-    backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
+    if backend is None:
+        backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
     )
@@ -121,15 +170,23 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
 def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
                            validate):
     """Body of lolakernels::shared_basis_lora_: adds the term into out in place."""
-    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
-    _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    backend = None
+    if plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset):
+        backend = "cpu"
+    else:
+        check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate, backend)
 
 
 def run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
     """Body of lolakernels::shared_basis_lora: the term [T, d_out] in x's dtype."""
-    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
+    backend = None
+    if plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, None, 0):
+        backend = "cpu"
+    else:
+        check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
     out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
-    _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate, backend)
     return out
 
 

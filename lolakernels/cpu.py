@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
+from . import _env
 from ._raw import address, sigma_kind
 
 if TYPE_CHECKING:
@@ -20,12 +20,18 @@ NF4_LINEAR_DTYPES = CPU_DTYPES
 _NF4_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+_LOADED = None
+
+
 def _module():
-    try:
-        from . import _C
-    except ImportError as error:  # pragma: no cover - only on a broken install
-        raise ImportError(f"lolakernels._C is not built or cannot load: {error}") from error
-    return _C
+    global _LOADED
+    if _LOADED is None:
+        try:
+            from . import _C
+        except ImportError as error:  # pragma: no cover - only on a broken install
+            raise ImportError(f"lolakernels._C is not built or cannot load: {error}") from error
+        _LOADED = _C
+    return _LOADED
 
 
 def available() -> tuple[bool, str]:
@@ -38,7 +44,7 @@ def available() -> tuple[bool, str]:
 
 def isa() -> int:
     """Instruction set the kernels use: the best this CPU has, or ``LOLA_CPU_ISA`` if set."""
-    return _isa_for(os.environ.get("LOLA_CPU_ISA", "").strip().lower())
+    return _isa_for(_env.read("LOLA_CPU_ISA").strip().lower())
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,6 @@
 """shared_basis_lora / multi_lora on CPU backends vs the reference and an fp64 formula."""
+import os
+
 import pytest
 import torch
 
@@ -180,3 +182,89 @@ def test_memoized_backend_choice_follows_lolabackend(monkeypatch):
         _backends.select(fp16)
     monkeypatch.delenv("LOLA_BACKEND")
     assert _backends.select(fp32) == "cpu"
+
+
+def test_plain_cpu_call_skips_the_full_checks_and_matches_the_general_path(monkeypatch):
+    """The per-layer CPU call runs without the full checks and the backend walk, with the same numbers."""
+    from lolakernels import _backends, _ops
+
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    p = make_problem(9, 40, 33, 5, 7, 2, sigma_kind="diag", seed=4)
+    general = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain CPU call went through the full path")
+
+    monkeypatch.setattr(_ops, "check_shared_basis_args", refuse)
+    monkeypatch.setattr(_backends, "select", refuse)
+    fast = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+    assert torch.equal(fast, general)
+    out = torch.ones(9, 40)
+    lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of, out=out,
+                                  out_slice=(3, 33))
+    assert torch.equal(out[:, 3:36], 1 + general) and torch.equal(out[:, :3], torch.ones(9, 3))
+    # A forced backend other than cpu is not a plain CPU call.
+    monkeypatch.setenv("LOLA_BACKEND", "reference")
+    with pytest.raises(AssertionError, match="full path"):
+        lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+
+
+def _plain(p, **overrides):
+    from lolakernels import _ops
+
+    args = dict(x=p.x, lora_a=p.lora_a, lora_b=p.lora_b, sigma=p.sigma, ids=p.ids, basis_of=p.basis_of, scale=1.0,
+                adapter_scale=None, ranks=None, out=None, out_offset=0)
+    args.update(overrides)
+    return _ops.plain_cpu_call(**args)
+
+
+@pytest.mark.parametrize("override", [
+    dict(x=lambda p: p.x[:, :39]), dict(x=lambda p: p.x.t()), dict(x=lambda p: p.x[0]), dict(x=lambda p: [1.0]),
+    dict(x=lambda p: p.x.half()), dict(x=lambda p: p.x.double()),
+    dict(lora_a=lambda p: p.lora_a[:1]), dict(lora_a=lambda p: p.lora_a.transpose(1, 2).contiguous().transpose(1, 2)),
+    dict(lora_a=lambda p: p.lora_a.bfloat16()), dict(lora_b=lambda p: p.lora_b[:, :, :4].contiguous()),
+    dict(lora_b=lambda p: p.lora_b.transpose(0, 1).contiguous().transpose(0, 1)), dict(lora_b=lambda p: p.lora_b[0]),
+    dict(sigma=lambda p: p.sigma[:6]), dict(sigma=lambda p: p.sigma[:, :4]), dict(sigma=lambda p: p.sigma[None]),
+    dict(sigma=lambda p: p.sigma.t().contiguous().t()), dict(sigma=lambda p: p.sigma.bfloat16()),
+    dict(ids=lambda p: p.ids[:8]), dict(ids=lambda p: p.ids.long()), dict(ids=lambda p: p.ids[None]),
+    dict(basis_of=lambda p: p.basis_of.float()), dict(basis_of=lambda p: p.basis_of[None]),
+    dict(adapter_scale=lambda p: torch.ones(6)), dict(adapter_scale=lambda p: torch.ones(7, dtype=torch.float64)),
+    dict(ranks=lambda p: torch.ones(7, dtype=torch.int64)), dict(ranks=lambda p: torch.ones(6, dtype=torch.int32)),
+    dict(scale=lambda p: float("nan")), dict(scale=lambda p: float("inf")),
+    dict(out=lambda p: torch.zeros(8, 40)), dict(out=lambda p: torch.zeros(9, 40, dtype=torch.bfloat16)),
+    dict(out=lambda p: torch.zeros(40, 9).t()), dict(out=lambda p: torch.zeros(9, 40), out_offset=lambda p: 8),
+    dict(out=lambda p: torch.zeros(9, 40), out_offset=lambda p: -1), dict(out=lambda p: torch.zeros(9)),
+], ids=lambda override: "-".join(override))
+def test_plain_cpu_call_declines_what_the_full_checks_refuse(override):
+    """Each of these fails a check of check_shared_basis_args, so the fast path must not vouch for it."""
+    p = make_problem(9, 40, 33, 5, 7, 2, sigma_kind="diag", seed=4)
+    assert _plain(p)
+    assert not _plain(p, **{key: make(p) for key, make in override.items()})
+
+
+def test_env_reads_follow_os_environ(monkeypatch):
+    from lolakernels import _env
+
+    monkeypatch.delenv("LOLA_TEST_VARIABLE", raising=False)
+    assert _env.read("LOLA_TEST_VARIABLE") == ""
+    monkeypatch.setenv("LOLA_TEST_VARIABLE", "cpu")
+    assert _env.read("LOLA_TEST_VARIABLE") == "cpu"
+    os.environ["LOLA_TEST_VARIABLE"] = "reference"
+    assert _env.read("LOLA_TEST_VARIABLE") == "reference"
+    del os.environ["LOLA_TEST_VARIABLE"]
+    assert _env.read("LOLA_TEST_VARIABLE") == ""
+
+
+def test_implied_basis_of_cached_under_inference_mode_still_serves_autograd():
+    """multi_lora's arange basis_of is kept between eager calls; one made under inference_mode
+    must not break a later call that needs gradients."""
+    x = torch.randn(5, 12)
+    lora_a, lora_b = torch.randn(3, 4, 12), torch.randn(3, 10, 4)
+    ids = torch.tensor([0, 2, -1, 1, 2], dtype=torch.int32)
+    with torch.inference_mode():
+        first = lolakernels.multi_lora(x, lora_a, lora_b, ids, scale=0.5)
+    lora_a.requires_grad_(True)
+    term = lolakernels.multi_lora(x, lora_a, lora_b, ids, scale=0.5)
+    term.sum().backward()
+    assert torch.allclose(term.detach(), first)
+    assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0

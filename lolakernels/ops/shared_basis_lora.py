@@ -30,6 +30,35 @@ def _index_tensor(values, device: torch.device) -> Tensor:
     return values
 
 
+# basis_of of the two cases that imply it (one basis: zeros; multi-LoRA: arange), per (N, device).
+# Building one is a torch op, ~70 µs right after a cache-evicting GEMM: more than a decode kernel.
+_IMPLIED_BASES: dict[tuple, Tensor] = {}
+
+
+def _implied_basis_of(num_adapters: int, device: torch.device, identity: bool) -> Tensor:
+    """int32 [N]: arange(N) (each adapter its own basis) if identity, else zeros (one basis).
+    Never handed to the caller, and the kernels do not write it, so eager calls share one. It is
+    built outside inference mode, so that a later call with autograd can save it for backward."""
+    def build() -> Tensor:
+        with torch.inference_mode(False):
+            return _build()
+
+    def _build() -> Tensor:
+        if identity:
+            return torch.arange(num_adapters, dtype=torch.int32, device=device)
+        return torch.zeros(num_adapters, dtype=torch.int32, device=device)
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = (num_adapters, device, identity)
+    basis_of = _IMPLIED_BASES.get(key)
+    if basis_of is None:
+        if len(_IMPLIED_BASES) >= 256:
+            _IMPLIED_BASES.clear()
+        basis_of = _IMPLIED_BASES[key] = build()
+    return basis_of
+
+
 def _out_offset(out: Optional[Tensor], out_slice: OutSlice, d_out: int) -> int:
     if out_slice is None:
         if out is not None and out.dim() == 2 and out.shape[1] != d_out:
@@ -51,8 +80,8 @@ def _out_offset(out: Optional[Tensor], out_slice: OutSlice, d_out: int) -> int:
 def _apply(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_slice, validate):
     d_out = lora_b.shape[1] if isinstance(lora_b, Tensor) and lora_b.dim() == 3 else 0
     offset = _out_offset(out, out_slice, d_out)
-    differentiable = (x, lora_a, lora_b, sigma)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (sigma is not None and sigma.requires_grad))
     if needs_grad:
         # Autograd needs the functional op; the in-place kernel is the inference fast path.
         term = torch.ops.lolakernels.shared_basis_lora(
@@ -125,7 +154,7 @@ def shared_basis_lora(
                 f"basis_of is required: lora_a holds C = {num_clusters} bases, so each adapter's basis must be given"
             )
         num_adapters = sigma.shape[0] if sigma is not None else 1
-        basis_of = torch.zeros(num_adapters, dtype=torch.int32, device=device)
+        basis_of = _implied_basis_of(num_adapters, device, identity=False)
     else:
         basis_of = _index_tensor(basis_of, device)
     return _apply(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), None, None, out, out_slice, validate)
@@ -158,7 +187,7 @@ def multi_lora(
     device = x.device
     ids = _index_tensor(ids, device)
     num_adapters = lora_a.shape[0] if lora_a.dim() == 3 else 0
-    basis_of = torch.arange(num_adapters, dtype=torch.int32, device=device)
+    basis_of = _implied_basis_of(num_adapters, device, identity=True)
     adapter_scale = None
     scalar_scale = 1.0
     if isinstance(scale, Tensor):
