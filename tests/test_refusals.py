@@ -42,6 +42,32 @@ def test_out_of_range_ids_refused_by_the_cpu_kernel_even_without_validate(p, mon
     assert torch.equal(out, torch.zeros(6, 12))
 
 
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("tokens", [6, 0])
+def test_cpu_kernel_refuses_a_bad_entry_of_an_unused_adapter(p, monkeypatch, validate, tokens):
+    """On the CPU path the kernel's own checks replace the Python ones: every entry of basis_of
+    and ranks is checked, not only those of adapters the batch uses, and with T = 0 too."""
+    monkeypatch.setattr(lolakernels._ops, "check_shared_basis_values",
+                        lambda *args: pytest.fail("the CPU path ran the Python value checks"))
+    basis_of = p.basis_of.clone()
+    basis_of[4] = 2
+    ids = torch.zeros(tokens, dtype=torch.int32)  # adapter 4 unused
+    out = torch.zeros(tokens, 12)
+    with pytest.raises(ValueError, match=re.escape("basis_of[4] = 2 is outside [0, 2) (C = 2 bases)")):
+        call(p, x=p.x[:tokens], ids=ids, basis_of=basis_of, out=out, validate=validate)
+    assert torch.equal(out, torch.zeros(tokens, 12))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_cpu_kernel_refuses_a_bad_rank_of_an_unused_adapter(validate):
+    p = make_problem(4, 8, 6, 3, 3, 3, sigma_kind="none")
+    out = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=re.escape("ranks[2] = 5 is outside [0, 3] (R = 3)")):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, torch.tensor([0, 1, 0, -1], dtype=torch.int32),
+                               ranks=torch.tensor([1, 3, 5], dtype=torch.int32), out=out, validate=validate)
+    assert torch.equal(out, torch.zeros(4, 6))
+
+
 def test_basis_of_pointing_past_c(p):
     basis_of = p.basis_of.clone()
     basis_of[1] = 2

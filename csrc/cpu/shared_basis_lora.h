@@ -43,7 +43,9 @@ bool isa_supported(Isa isa);
 std::string isa_name(Isa isa);
 
 // Runs the op. Returns an empty string on success, else a message naming the bad argument
-// (ids, basis_of or ranks out of range): nothing is written to `out` in that case.
+// (ids, or any entry of basis_of or ranks, out of range; checked even when T = 0): nothing is
+// written to `out` in that case. These are all of the op's value checks, so the Python side
+// skips its own on this backend.
 std::string shared_basis_lora(const LoraProblem& problem, Isa isa, int num_threads);
 
 }  // namespace lola::cpu
