@@ -17,15 +17,19 @@ SHAPES = [  # (T, d_in, d_out, R, N, C)
     (37, 130, 70, 16, 9, 1),
     (64, 257, 129, 7, 200, 4),    # N > T, odd sizes, tails in every dimension
     (130, 96, 64, 32, 12, 2),
-    # Clusters with >= 24 tokens take the packed shrink: R > 64 (a second, partial rank tile),
+    # Clusters with >= 16 tokens take the packed shrink: R > 64 (a second, partial rank tile),
     # odd d_in spanning two chunks (an odd last pair), a cluster below the threshold beside them.
     (90, 1031, 40, 80, 6, 2),
     (61, 33, 17, 3, 2, 1),
-    # Clusters below 24 tokens take the dot-product shrink, whose rank tiles are split across
+    # Clusters below 16 tokens take the dot-product shrink, whose rank tiles are split across
     # items when there are few groups: one cluster with several token tiles, a partial last rank
     # tile and d_in over two chunks; then several small clusters.
-    (23, 1100, 50, 37, 5, 1),
+    (15, 1100, 50, 37, 5, 1),
     (22, 70, 33, 13, 40, 3),
+    # A packed cluster of fewer token tiles than two per thread: its ranks are cut into slices of
+    # whole vectors, the last one partial, one slice over two packed rank tiles (R = 150).
+    (17, 1031, 40, 50, 3, 1),
+    (20, 129, 40, 150, 4, 1),
 ]
 BACKEND_IDS = [f"{b}-{isa}" if isa else b for b, isa in CPU_BACKENDS]
 
@@ -49,7 +53,8 @@ LOW_PRECISION = [(b, isa, torch.bfloat16) for b, isa in CPU_BACKENDS] + [("refer
 
 @pytest.mark.parametrize("backend,isa,dtype", LOW_PRECISION,
                          ids=[f"{b}-{isa}-{str(d)[6:]}" for b, isa, d in LOW_PRECISION])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[7], SHAPES[8], SHAPES[9]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5], SHAPES[6], SHAPES[7], SHAPES[8], SHAPES[9],
+                                   SHAPES[11]], ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
 @pytest.mark.parametrize("sigma_kind", ["diag", "full"])
 def test_low_precision_within_twice_plain_torch_error(use_backend, backend, isa, dtype, shape, sigma_kind):
     use_backend(backend, isa)
@@ -57,6 +62,30 @@ def test_low_precision_within_twice_plain_torch_error(use_backend, backend, isa,
     term = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of, scale=p.scale)
     assert term.dtype == dtype
     assert_term_close(term, formula_fp64(p), p)
+
+
+@pytest.mark.parametrize("backend,isa", [c for c in CPU_BACKENDS if c[0] == "cpu"],
+                         ids=[i for c, i in zip(CPU_BACKENDS, BACKEND_IDS) if c[0] == "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(17, 1031, 40, 50, 3, 1), (20, 129, 40, 150, 4, 1), (40, 300, 33, 70, 5, 2)],
+                         ids=lambda s: f"T{s[0]}_R{s[3]}_C{s[5]}")
+def test_same_bits_for_every_thread_count(use_backend, backend, isa, dtype, shape):
+    """However the packed shrink cuts its work (token tiles, rank slices, more pieces than the
+    runtime's threads), every h element is summed by one piece in one order: the same bits."""
+    use_backend(backend, isa)
+    p = make_problem(*shape, sigma_kind="full", dtype=dtype, seed=5)
+    threads = torch.get_num_threads()
+    terms = []
+    try:
+        for count in (1, 2, 3, 8):
+            torch.set_num_threads(count)
+            terms.append(lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of,
+                                                       scale=p.scale))
+    finally:
+        torch.set_num_threads(threads)
+    assert_term_close(terms[0], formula_fp64(p), p)
+    for count, term in zip((2, 3, 8), terms[1:]):
+        assert torch.equal(term, terms[0]), f"{count} threads changed the result"
 
 
 @pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)

@@ -24,7 +24,9 @@ constexpr int kRowExpandTokens = 2;
 // no horizontal sums) and a d_in chunk of the panel stays in L2 across a thread's token tiles.
 constexpr int kPackedTokens = 6;         // tokens per packed-shrink tile
 constexpr int kPackedRanks = 64;         // ranks per packed-shrink tile (4 vectors)
-constexpr int kPackedShrinkMinTokens = 24;
+// From 16 tokens the packed tiles beat the dot-product ones (4-8% of the call at R = 64, T = 16,
+// cold); at 8-12 the transpose costs about what it saves.
+constexpr int kPackedShrinkMinTokens = 16;
 
 // How a packed panel stores panel(d, k) = lora_a[c, k, d], with `stride` ranks (a multiple of 16):
 //   Float32Rows: fp32 panel[d * stride + k];

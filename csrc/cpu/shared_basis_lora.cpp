@@ -155,28 +155,34 @@ void pack_expand_panel(const LoraProblem& p, const MicroKernels& kernels, int64_
   }
 }
 
-// One d_in chunk [d_begin, d_begin + length) of the packed-shrink panel of lora_a[cluster]
-// ([rank, d_in] rows) as 32-bit words: fp32 values (Float32Rows, word (d - d_begin) * stride + k)
-// or bf16 pairs (Bf16Pairs, word (d - d_begin) / 2 * stride + k holds lora_a[k, d..d + 1], which
-// is one 32-bit word of the row already; d_begin is even). Ranks past `rank` are left as the
-// caller zeroed them.
+// Ranks [rank_begin, rank_end) of one d_in chunk [d_begin, d_begin + length) of the packed-shrink
+// panel of lora_a[cluster] ([rank, d_in] rows) as 32-bit words: fp32 values (Float32Rows, word
+// (d - d_begin) * stride + k) or bf16 pairs (Bf16Pairs, word (d - d_begin) / 2 * stride + k holds
+// lora_a[k, d..d + 1], which is one 32-bit word of the row already; d_begin is even). Other ranks
+// are left as the caller zeroed them.
 void pack_shrink_chunk(const LoraProblem& p, const MicroKernels& kernels, int64_t cluster, int64_t d_begin,
-                       int64_t length, int64_t stride, uint32_t* panel) {
+                       int64_t length, int64_t rank_begin, int64_t rank_end, int64_t stride, uint32_t* panel) {
   const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
   const int64_t element_size = element_size_of(p.dtype);
-  const char* a = static_cast<const char*>(p.lora_a) + (cluster * p.rank * p.d_in + d_begin) * element_size;
+  const char* a =
+      static_cast<const char*>(p.lora_a) + ((cluster * p.rank + rank_begin) * p.d_in + d_begin) * element_size;
   const int64_t words = pairs ? length / 2 : length;  // whole words per row
-  kernels.transpose(a, p.d_in * element_size, !pairs && p.dtype == DType::BFloat16, p.rank, words, panel, stride);
+  const int64_t rows = rank_end - rank_begin;
+  kernels.transpose(a, p.d_in * element_size, !pairs && p.dtype == DType::BFloat16, rows, words, panel + rank_begin,
+                    stride);
   if (pairs && length % 2 == 1) {  // an odd d_in's last pair holds lora_a[k, d_in - 1] and a zero
     const auto* a16 = reinterpret_cast<const uint16_t*>(a);
-    for (int64_t k = 0; k < p.rank; ++k) panel[words * stride + k] = a16[k * p.d_in + length - 1];
+    for (int64_t k = 0; k < rows; ++k) panel[words * stride + rank_begin + k] = a16[k * p.d_in + length - 1];
   }
 }
 
-// The shrink of the large groups. The token tiles of all of them are split into one contiguous
-// run per thread; for each group in its run, a thread transposes lora_a[cluster] one d_in chunk at
-// a time into its own panel (which stays in L2) and passes all of its tiles of that group over
-// it. No thread waits on another, and no panel goes out to memory and back.
+// The shrink of the large groups. Each thread transposes lora_a[cluster] one d_in chunk at a time
+// into its own panel (which stays in L2) and passes its tiles of that group over it; no thread
+// waits on another, and no panel goes out to memory and back. With at least two token tiles per
+// thread the tiles are split into one contiguous run per thread, each over all ranks (the widest
+// register tile). With fewer (a prefill of a few dozen tokens) that would leave threads idle or
+// have several transpose all of lora_a for one tile each, so the ranks are cut too, into slices
+// of whole vectors: a thread then transposes only its slice, for its share of the tiles.
 void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, const std::vector<Group>& groups,
                           const std::vector<int64_t>& order, float* h, int num_threads) {
   struct Run { int64_t group, first_tile, tile_count; };
@@ -190,34 +196,44 @@ void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, con
   }
   if (total_tiles == 0) return;
   const int64_t rank = p.rank;
-  const int64_t stride = (rank + 15) / 16 * 16;
+  const int64_t rank_vectors = (rank + 15) / 16;
+  const int64_t stride = rank_vectors * 16;
+  // rank_parts × tile_parts pieces of work, one per thread (a thread takes several if the
+  // runtime gives fewer threads than asked for).
+  const int64_t rank_parts = total_tiles >= 2 * num_threads
+      ? 1 : std::min<int64_t>(rank_vectors, (2 * num_threads + total_tiles - 1) / total_tiles);
+  const int64_t tile_parts = std::min<int64_t>(total_tiles, std::max<int64_t>(1, num_threads / rank_parts));
+  const int64_t pieces = rank_parts * tile_parts;
   const bool pairs = kernels.panel_layout == PanelLayout::Bf16Pairs;
   const int64_t element_size = element_size_of(p.dtype);
   const auto* x_bytes = static_cast<const char*>(p.x);
-  const int threads = static_cast<int>(std::min<int64_t>(num_threads, total_tiles));
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(static_cast<int>(pieces))
   {
-    const int64_t count = omp_get_num_threads(), thread = omp_get_thread_num();
-    const int64_t first = total_tiles * thread / count, last = total_tiles * (thread + 1) / count;
     std::vector<uint32_t> panel((pairs ? kShrinkChunk / 2 : kShrinkChunk) * stride, 0u);
-    for (const Run& run : tiles_of) {
-      const int64_t begin_tile = std::max(first, run.first_tile) - run.first_tile;
-      const int64_t end_tile = std::min(last, run.first_tile + run.tile_count) - run.first_tile;
-      if (begin_tile >= end_tile) continue;
-      const Group& group = groups[run.group];
-      for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
-        const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
-        pack_shrink_chunk(p, kernels, group.cluster, chunk, length, stride, panel.data());
-        for (int64_t k = 0; k < rank; k += kPackedRanks) {
-          const int ranks = static_cast<int>(std::min<int64_t>(kPackedRanks, rank - k));
-          const uint32_t* panel_at = panel.data() + k;  // one word per rank in either layout
-          for (int64_t tile = begin_tile; tile < end_tile; ++tile) {
-            const int64_t begin = group.begin + tile * kPackedTokens;
-            const int tokens = static_cast<int>(std::min<int64_t>(kPackedTokens, group.end - begin));
-            const void* x_rows[kPackedTokens];
-            for (int i = 0; i < tokens; ++i)
-              x_rows[i] = x_bytes + (order[begin + i] * p.x_row_stride + chunk) * element_size;
-            kernels.shrink_packed(x_rows, panel_at, stride, length, tokens, ranks, h + begin * rank + k, rank);
+    for (int64_t piece = omp_get_thread_num(); piece < pieces; piece += omp_get_num_threads()) {
+      const int64_t rank_part = piece % rank_parts, tile_part = piece / rank_parts;
+      const int64_t rank_begin = std::min(rank, rank_vectors * rank_part / rank_parts * 16);
+      const int64_t rank_end = std::min(rank, rank_vectors * (rank_part + 1) / rank_parts * 16);
+      const int64_t first = total_tiles * tile_part / tile_parts, last = total_tiles * (tile_part + 1) / tile_parts;
+      for (const Run& run : tiles_of) {
+        const int64_t begin_tile = std::max(first, run.first_tile) - run.first_tile;
+        const int64_t end_tile = std::min(last, run.first_tile + run.tile_count) - run.first_tile;
+        if (begin_tile >= end_tile || rank_begin >= rank_end) continue;
+        const Group& group = groups[run.group];
+        for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
+          const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
+          pack_shrink_chunk(p, kernels, group.cluster, chunk, length, rank_begin, rank_end, stride, panel.data());
+          for (int64_t k = rank_begin; k < rank_end; k += kPackedRanks) {
+            const int ranks = static_cast<int>(std::min<int64_t>(kPackedRanks, rank_end - k));
+            const uint32_t* panel_at = panel.data() + k;  // one word per rank in either layout
+            for (int64_t tile = begin_tile; tile < end_tile; ++tile) {
+              const int64_t begin = group.begin + tile * kPackedTokens;
+              const int tokens = static_cast<int>(std::min<int64_t>(kPackedTokens, group.end - begin));
+              const void* x_rows[kPackedTokens];
+              for (int i = 0; i < tokens; ++i)
+                x_rows[i] = x_bytes + (order[begin + i] * p.x_row_stride + chunk) * element_size;
+              kernels.shrink_packed(x_rows, panel_at, stride, length, tokens, ranks, h + begin * rank + k, rank);
+            }
           }
         }
       }
