@@ -23,7 +23,8 @@ SHAPES = [  # (T, d_in, d_out, R, N, C)
     (61, 33, 17, 3, 2, 1),
     # Clusters below 16 tokens take the dot-product shrink, whose rank tiles are split across
     # items when there are few groups: one cluster with several token tiles, a partial last rank
-    # tile and d_in over two chunks; then several small clusters.
+    # tile and d_in over two chunks (its expand on panels); then clusters of about 7 tokens,
+    # which expand from lora_b's rows in several calls each.
     (15, 1100, 50, 37, 5, 1),
     (22, 70, 33, 13, 40, 3),
     # A packed cluster of fewer token tiles than two per thread: its ranks are cut into slices of

@@ -328,14 +328,15 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   const char* g_rows = pairs ? reinterpret_cast<const char*>(g_bf16.data()) : reinterpret_cast<const char*>(g.data());
   const int64_t g_element_size = pairs ? 2 : 4;
 
-  // Expand. Small groups (decode: one adapter per token) read lora_b's rows as they are; each
-  // thread takes one contiguous run of those items, so that it streams lora_b in address order
-  // and the prefetchers keep up (the reads are the whole cost of these items). Larger groups pack
+  // Expand. Groups of up to kRowExpandGroupTokens (decode: one adapter per token; a batch spread
+  // over several clusters) read lora_b's rows as they are; each thread takes one contiguous run
+  // of those items, so that it streams lora_b in address order and the prefetchers keep up (the
+  // reads are most of the cost of these items). Larger groups pack
   // one panel of lora_b per item and reuse it for every token of the group; their items vary in
   // cost with the group's size and are handed out dynamically.
   std::vector<ExpandItem> row_items, panel_items;
   for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
-    auto& items = groups[gi].end - groups[gi].begin <= kRowExpandTokens ? row_items : panel_items;
+    auto& items = groups[gi].end - groups[gi].begin <= kRowExpandGroupTokens ? row_items : panel_items;
     for (int64_t col = 0; col < p.d_out; col += kExpandCols) items.push_back({gi, col});
   }
   const auto expand_item = [&](const ExpandItem& item, uint32_t* panel, const ExpandItem* next) {
