@@ -138,7 +138,9 @@ def shared_basis_lora(
             returned. Otherwise a new ``[T, d_out]`` tensor holding only the term is returned.
         out_slice: ``(offset, size)``: add into ``out[:, offset:offset+size]`` (fused qkv/gate_up).
         validate: check ids/basis_of ranges (a device sync on GPU). Serving engines that checked
-            them once per step pass ``False``; shapes, dtypes and devices are always checked.
+            them once per step pass ``False``; shapes, dtypes and devices are always checked, and
+            the CPU kernel range-checks ids, basis_of and ranks itself on every call (it costs no
+            sync there), so on the CPU a bad index is refused either way.
 
     All float tensors share one dtype (float32, float16, bfloat16; the CPU kernel takes float32
     and bfloat16, other cases run on the reference); accumulation is fp32. On CPUs with
