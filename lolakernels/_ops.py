@@ -149,8 +149,17 @@ def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale
         return False
 
 
+_CPU_LOADED = False
+
+
 def _cpu_built() -> bool:
-    return _backends.backend_available("cpu")[0]
+    """Whether lolakernels._C loads. A loaded extension stays loaded, so a True is kept: the
+    import machinery behind backend_available costs ~10 µs a call right after a cache-evicting
+    GEMM."""
+    global _CPU_LOADED
+    if not _CPU_LOADED:
+        _CPU_LOADED = _backends.backend_available("cpu")[0]
+    return _CPU_LOADED
 
 
 def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate,

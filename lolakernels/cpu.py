@@ -42,9 +42,18 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+# isa() per raw LOLA_CPU_ISA value: one dict probe a call instead of the string methods and the
+# lru_cache wrapper (~5 µs together right after a cache-evicting GEMM). Bad values raise each time.
+_ISA_BY_SETTING: dict[str, int] = {}
+
+
 def isa() -> int:
     """Instruction set the kernels use: the best this CPU has, or ``LOLA_CPU_ISA`` if set."""
-    return _isa_for(_env.read("LOLA_CPU_ISA").strip().lower())
+    setting = _env.read("LOLA_CPU_ISA")
+    code = _ISA_BY_SETTING.get(setting)
+    if code is None:
+        code = _ISA_BY_SETTING[setting] = _isa_for(setting.strip().lower())
+    return code
 
 
 @functools.lru_cache(maxsize=None)

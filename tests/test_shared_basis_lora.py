@@ -285,6 +285,27 @@ def test_env_reads_follow_os_environ(monkeypatch):
     assert _env.read("LOLA_TEST_VARIABLE") == ""
 
 
+@pytest.mark.skipif(not lolakernels.cpu.available()[0], reason="lolakernels._C is not built")
+def test_cpu_isa_follows_lola_cpu_isa_between_calls(monkeypatch):
+    """isa() keeps its answer per setting, but a change of LOLA_CPU_ISA takes effect at once and
+    a bad value is refused every time, not once."""
+    from lolakernels import cpu
+
+    module = cpu._module()
+    monkeypatch.delenv("LOLA_CPU_ISA", raising=False)
+    assert cpu.isa() == module.best_isa()
+    monkeypatch.setenv("LOLA_CPU_ISA", "scalar")
+    assert cpu.isa() == module.ISA_SCALAR
+    monkeypatch.setenv("LOLA_CPU_ISA", " Scalar ")
+    assert cpu.isa() == module.ISA_SCALAR
+    monkeypatch.setenv("LOLA_CPU_ISA", "sse9")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="LOLA_CPU_ISA='sse9'"):
+            cpu.isa()
+    monkeypatch.delenv("LOLA_CPU_ISA")
+    assert cpu.isa() == module.best_isa()
+
+
 def test_implied_basis_of_cached_under_inference_mode_still_serves_autograd():
     """multi_lora's arange basis_of is kept between eager calls; one made under inference_mode
     must not break a later call that needs gradients."""
