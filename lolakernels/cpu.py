@@ -1,7 +1,6 @@
 """Thin wrapper over the pybind11 CPU module ``lolakernels._C`` (raw pointers, no torch ABI)."""
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -42,8 +41,8 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-# isa() per raw LOLA_CPU_ISA value: one dict probe a call instead of the string methods and the
-# lru_cache wrapper (~5 µs together right after a cache-evicting GEMM). Bad values raise each time.
+# isa() per raw LOLA_CPU_ISA value: one dict probe a call instead of the string methods (~5 µs
+# with the lookup they fed, right after a cache-evicting GEMM). Bad values raise each time.
 _ISA_BY_SETTING: dict[str, int] = {}
 
 
@@ -56,7 +55,6 @@ def isa() -> int:
     return code
 
 
-@functools.lru_cache(maxsize=None)
 def _isa_for(forced: str) -> int:
     module = _module()
     names = {"scalar": module.ISA_SCALAR, "avx512": module.ISA_AVX512, "avx512_bf16": module.ISA_AVX512_BF16}

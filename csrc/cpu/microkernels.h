@@ -17,8 +17,8 @@ constexpr int64_t kShrinkChunk = 1024;
 // Groups of at most kRowExpandGroupTokens tokens (multi-LoRA decode, one adapter per token; a
 // batch spread over several clusters) expand straight from lora_b's rows, kRowExpandTokens tokens
 // a call: below that size transposing a panel costs more than it saves, and the row items read
-// lora_b in address order (with 8 clusters, 4-8 tokens each, 15-30% less time than panels; a
-// single group of 12-16 tokens is 5-10% faster on panels).
+// lora_b in address order (with 8 clusters of 4-6 tokens each, 15-30% less time than panels, of
+// 8 tokens 2-10%; a single group of 12-16 tokens is 5-10% faster on panels).
 constexpr int kRowExpandTokens = 2;
 constexpr int kRowExpandGroupTokens = 8;
 

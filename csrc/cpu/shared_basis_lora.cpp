@@ -199,7 +199,8 @@ void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, con
   const int64_t rank_vectors = (rank + 15) / 16;
   const int64_t stride = rank_vectors * 16;
   // rank_parts × tile_parts pieces of work, one per thread (a thread takes several if the
-  // runtime gives fewer threads than asked for).
+  // runtime gives fewer threads than asked for). rank_parts <= rank_vectors, so every rank slice
+  // holds at least one vector.
   const int64_t rank_parts = total_tiles >= 2 * num_threads
       ? 1 : std::min<int64_t>(rank_vectors, (2 * num_threads + total_tiles - 1) / total_tiles);
   const int64_t tile_parts = std::min<int64_t>(total_tiles, std::max<int64_t>(1, num_threads / rank_parts));
@@ -218,7 +219,7 @@ void shrink_packed_groups(const LoraProblem& p, const MicroKernels& kernels, con
       for (const Run& run : tiles_of) {
         const int64_t begin_tile = std::max(first, run.first_tile) - run.first_tile;
         const int64_t end_tile = std::min(last, run.first_tile + run.tile_count) - run.first_tile;
-        if (begin_tile >= end_tile || rank_begin >= rank_end) continue;
+        if (begin_tile >= end_tile) continue;
         const Group& group = groups[run.group];
         for (int64_t chunk = 0; chunk < p.d_in; chunk += kShrinkChunk) {
           const int64_t length = std::min(kShrinkChunk, p.d_in - chunk);
@@ -331,9 +332,9 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   // Expand. Groups of up to kRowExpandGroupTokens (decode: one adapter per token; a batch spread
   // over several clusters) read lora_b's rows as they are; each thread takes one contiguous run
   // of those items, so that it streams lora_b in address order and the prefetchers keep up (the
-  // reads are most of the cost of these items). Larger groups pack
-  // one panel of lora_b per item and reuse it for every token of the group; their items vary in
-  // cost with the group's size and are handed out dynamically.
+  // reads are most of the cost of these items). Larger groups pack one panel of lora_b per item
+  // and reuse it for every token of the group; their items vary in cost with the group's size
+  // and are handed out dynamically.
   std::vector<ExpandItem> row_items, panel_items;
   for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
     auto& items = groups[gi].end - groups[gi].begin <= kRowExpandGroupTokens ? row_items : panel_items;
