@@ -292,13 +292,14 @@ struct RowStepBf16Dot {
   }
 };
 
-// acc[j] += lora_b row j (ranks k < rank) ⊙ g, lane-wise, for j < cols (≤ 16). Steps > 0 is the
-// number of rank steps known at compile time (g held in registers, everything unrolled); Steps = 0
-// walks any rank.
+// acc[j] += row j (its first `rank` elements) ⊙ g, lane-wise, for j < cols (≤ 16); rows lie
+// row_length elements apart (lora_b's rows: row_length = rank; Σ's: rank, over true_rank). Steps
+// > 0 is the number of rank steps known at compile time (g held in registers, everything
+// unrolled); Steps = 0 walks any rank.
 template <typename Step, int Steps>
-__attribute__((always_inline)) inline void row_products(const char* rows, int64_t rank, int cols, const void* g,
-                                                        __m512 (&acc)[16]) {
-  const int64_t row_bytes = rank * Step::kOutElementSize;
+__attribute__((always_inline)) inline void row_products(const char* rows, int64_t row_length, int64_t rank, int cols,
+                                                        const void* g, __m512 (&acc)[16]) {
+  const int64_t row_bytes = row_length * Step::kOutElementSize;
   if constexpr (Steps > 0) {
     __m512 g_steps[Steps];
     typename Step::Mask masks[Steps];
@@ -345,7 +346,7 @@ void expand_rows_tree(const void* g_rows, int64_t g_stride, const void* b_rows, 
     for (int i = 0; i < num_tokens; ++i) {
       __m512 acc[16];
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-      row_products<Step, Steps>(rows, rank, cols, static_cast<const char*>(g_rows) + i * g_stride * Step::kGElementSize,
+      row_products<Step, Steps>(rows, rank, rank, cols, static_cast<const char*>(g_rows) + i * g_stride * Step::kGElementSize,
                                 acc);
       add_sums_to_row<Step::kOutElementSize == 2>(static_cast<char*>(out_rows[i]) + j0 * Step::kOutElementSize,
                                                   sum_lanes_of_16(acc), cols);
@@ -365,26 +366,20 @@ void expand_rows_any(const void* g, int64_t g_stride, const void* b_rows, int64_
   kByRankSteps[steps <= 4 ? steps : 0](g, g_stride, b_rows, rank, out_rows, num_tokens, num_cols);
 }
 
-// g = Σ h for one adapter's full Σ ([rank, rank] rows, columns past true_rank ignored): 16 rows of
-// Σ at a time, each multiplied lane-wise with h into its own accumulator, and the 16 sums taken
-// together by sum_lanes_of_16 (one horizontal sum per row cost ~4x as many shuffles; at T = 256,
-// R = 64 that was 50-80 us of the call).
+// g = Σ h for one adapter's full Σ ([rank, rank] rows, columns past true_rank ignored): the row
+// expand's products, 16 rows of Σ at a time against h, and the 16 sums taken together by
+// sum_lanes_of_16 (one horizontal sum per row cost ~4x as many shuffles; at T = 256, R = 64 that
+// was 50-80 us of the call).
 template <bool Bf16>
 void sigma_full(const void* sigma_rows, const float* h, int64_t rank, int64_t true_rank, float* g) {
+  const auto* rows = static_cast<const char*>(sigma_rows);
   for (int64_t j0 = 0; j0 < rank; j0 += 16) {
-    const int rows = rank - j0 < 16 ? static_cast<int>(rank - j0) : 16;
+    const int count = rank - j0 < 16 ? static_cast<int>(rank - j0) : 16;
     __m512 acc[16];
     for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < true_rank; k += 16) {
-      const __mmask16 mask = low_mask16(true_rank - k);
-      const __m512 h_part = _mm512_maskz_loadu_ps(mask, h + k);
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) {
-        if (j >= rows) break;
-        acc[j] = _mm512_fmadd_ps(load_row_chunk<Bf16>(sigma_rows, (j0 + j) * rank + k, mask), h_part, acc[j]);
-      }
-    }
-    _mm512_mask_storeu_ps(g + j0, low_mask16(rows), sum_lanes_of_16(acc));
+    row_products<RowStepF32<Bf16>, 0>(rows + j0 * rank * RowStepF32<Bf16>::kOutElementSize, rank, true_rank, count, h,
+                                      acc);
+    _mm512_mask_storeu_ps(g + j0, low_mask16(count), sum_lanes_of_16(acc));
   }
 }
 
