@@ -30,6 +30,13 @@ def test_cold_paired_seconds_flushes_and_primes_before_every_timed_call():
     assert base_seconds >= 0 and all(value >= 0 for value in seconds.values())
 
 
+def test_stream_probe_reads_four_times_the_last_level_cache():
+    probe = timing.StreamProbe("cpu")
+    assert probe.num_bytes == 4 * timing.last_level_cache_bytes()
+    probe()
+    assert probe.bytes_per_second(0.5) == probe.num_bytes / 0.5
+
+
 def test_cache_flush_reads_more_than_the_last_level_cache():
     flush = timing.CacheFlush("cpu")
     assert flush._buffer.numel() * 4 >= 3 * timing.last_level_cache_bytes()
@@ -47,8 +54,13 @@ def test_run_writes_every_config_with_exact_numbers(tmp_path, with_peft):
     assert [(r["dtype"], r["clusters"]) for r in payload["rows"]] == [("bfloat16", 2), ("float32", 1)]
     for row in rows:
         for key in ("base_cold_ms", "shared_added_pct", "composition_added_pct", "shared_lora_only_ms",
-                    "shared_lora_only_cold_ms", "lora_fraction_of_bandwidth"):
+                    "shared_lora_only_cold_ms", "lora_fraction_of_bandwidth", "read_bandwidth_bytes_per_s",
+                    "lora_bytes_floor_pct"):
             assert isinstance(row[key], float), key
+        assert row["read_bandwidth_bytes_per_s"] > 0 and "stream" not in str(sorted(row))
+        # The floor is the row's LoRA bytes at the row's own bandwidth, over its base GEMM.
+        expected = 100 * row["lora_bytes"] / row["read_bandwidth_bytes_per_s"] / row["base_cold_ms"] * 1e3
+        assert row["lora_bytes_floor_pct"] == pytest.approx(expected)
     fp32 = rows[1]
     assert ("multi_lora_added_pct" in fp32) and ("multi_lora_added_pct" not in rows[0])  # C = 8 has no multi_lora
     if with_peft:

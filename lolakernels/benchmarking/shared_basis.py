@@ -8,8 +8,10 @@ For each (dtype, clusters C, rank R, tokens T, adapters N) it times, in the same
   peft         PEFT's mixed-batch forward (adapter_names=) on those adapters, PEFT's defaults
 each right after a cache flush, as every layer of a model finds its weights in memory, and
 reports the time each adds over the base GEMM (paired within a sample, see
-timing.cold_paired_seconds), speed ratios of those added times, and the fraction of measured
-memory bandwidth the shared_basis_lora call alone reaches. The warm figure (the call repeated on
+timing.cold_paired_seconds), speed ratios of those added times, and the fraction of the memory
+bandwidth the shared_basis_lora call alone reaches, against a streaming read timed among the
+row's own samples (timing.StreamProbe), with the time the row's LoRA bytes take at that bandwidth
+as a share of the base GEMM: the least the call can add on this machine at that moment. The warm figure (the call repeated on
 its own, bank in cache) is kept beside it for comparison with earlier reports.
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch.nn.functional as F
 import lolakernels
 from lolakernels.reference import shared_basis_lora_torch
 
-from .timing import (CacheFlush, cold_paired_seconds, headless_pyplot, interleaved_seconds, machine_description,
-                     measure_read_bandwidth, write_results)
+from .timing import (CacheFlush, StreamProbe, cold_paired_seconds, headless_pyplot, interleaved_seconds,
+                     machine_description, write_results)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def _layer_methods(cfg: Config, a: _Adapters, with_peft: bool) -> tuple[dict, to
     return methods, x, ids
 
 
-def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bool,
+def run_config(cfg: Config, adapters: _Adapters, probe: StreamProbe, with_peft: bool,
                flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
     methods, x, ids = _layer_methods(cfg, adapters, with_peft)
     primes = _layer_methods(_twin(cfg), twin, with_peft)[0] if twin is not None else None
@@ -173,8 +175,10 @@ def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bo
                 row[f"max_rel_error_{name}_vs_peft"] = error / scale
         warm = interleaved_seconds({"base": methods["base"], "shared_lora_only": methods["shared_lora_only"]})
         base_cold, cold, added = cold_paired_seconds(
-            methods["base"], {**layers, "shared_lora_only": methods["shared_lora_only"]}, samples=samples,
-            flush=flush, primes=primes)
+            methods["base"], {**layers, "shared_lora_only": methods["shared_lora_only"], "stream": probe},
+            samples=samples, flush=flush, primes=primes)
+    bandwidth = probe.bytes_per_second(cold.pop("stream"))
+    added.pop("stream")
     row["base_ms"] = warm["base"] * 1e3
     row["shared_lora_only_ms"] = warm["shared_lora_only"] * 1e3
     row["base_cold_ms"] = base_cold * 1e3
@@ -190,7 +194,9 @@ def run_config(cfg: Config, adapters: _Adapters, bandwidth: float, with_peft: bo
         row["multi_lora_added_time_speedup_vs_peft"] = ratio(added["peft"], added["multi_lora"])
         row["shared_added_time_speedup_vs_peft"] = ratio(added["peft"], added["shared"])
     row["lora_bytes"] = _lora_bytes(cfg, ids, adapters.basis_of, x.element_size())
+    row["read_bandwidth_bytes_per_s"] = bandwidth
     row["lora_fraction_of_bandwidth"] = row["lora_bytes"] / cold["shared_lora_only"] / bandwidth
+    row["lora_bytes_floor_pct"] = 100 * row["lora_bytes"] / bandwidth / base_cold
     return row
 
 
@@ -208,22 +214,25 @@ def _pct(value) -> str:
     return "–" if value is None else f"{value:+.1f}%"
 
 
-def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
+def markdown_table(rows: list[dict], machine: str) -> str:
     shapes = ", ".join(sorted({f"{r['d_in']} × {r['d_out']}" for r in rows}))
     lines = [
         f"# shared-basis LoRA on {machine}",
         "",
-        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. d_in × d_out = {shapes}, JD-Full Σ.",
+        f"d_in × d_out = {shapes}, JD-Full Σ.",
         "Every call runs right after a cache flush, as a layer of a model finds its weights in memory.",
         "'+ X' is the time X adds over the base GEMM: the median over samples of (layer − base GEMM) timed",
         "moments apart, over the median cold base GEMM. 'alone, warm' is the shared_basis_lora call repeated",
         "on its own with the bank in cache (the figure earlier reports gave). Ratios compare added times.",
         "PEFT runs its own defaults; multi_lora and PEFT hold uncompressed adapters, so they run at C = 1.",
+        "'GB/s' is a streaming read timed among the row's own samples (the bandwidth of this machine drifts",
+        "by up to 2x within minutes); 'bytes floor' is the time the row's LoRA bytes (DESIGN §7) take at",
+        "that bandwidth, over the base GEMM: the least shared_basis_lora can add here and now.",
         "",
         "| dtype | C | R | T | N | base ms (cold) | + shared_basis_lora | alone, warm | + composition "
         "| + multi_lora | + PEFT | shared vs composition | multi_lora vs PEFT | shared vs PEFT "
-        "| shared alone (cold), % of bandwidth |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shared alone (cold), % of bandwidth | GB/s | bytes floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -233,7 +242,8 @@ def markdown_table(rows: list[dict], machine: str, bandwidth: float) -> str:
             f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
             f"| {_ratio(r.get('shared_speedup_vs_composition'))} "
             f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} "
-            f"| {_ratio(r.get('shared_added_time_speedup_vs_peft'))} | {_fmt(100 * r['lora_fraction_of_bandwidth'])} |"
+            f"| {_ratio(r.get('shared_added_time_speedup_vs_peft'))} | {_fmt(100 * r['lora_fraction_of_bandwidth'])} "
+            f"| {_fmt(r['read_bandwidth_bytes_per_s'] / 1e9)} | {_pct(r['lora_bytes_floor_pct'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -245,14 +255,17 @@ def summary_table(payload: dict, decode: bool = False) -> str:
             or r["tokens"] == r["adapters"] == 64]
     rows.sort(key=lambda r: (r["dtype"] != "float32", r["clusters"], r["rank"], r["tokens"], r["adapters"]))
     lines = [
-        "| dtype | C | R | T | N | base GEMM (cold) | + shared_basis_lora | + composition | + multi_lora "
-        "| + PEFT mixed batch | multi_lora vs PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | C | R | T | N | base GEMM (cold) | + shared_basis_lora | bytes floor | + composition "
+        "| + multi_lora | + PEFT mixed batch | multi_lora vs PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        # Runs written before the per-row bandwidth probe have no floor.
+        floor = r.get("lora_bytes_floor_pct")
         lines.append(
             f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
-            f"| {r['base_cold_ms']:.1f} ms | {_pct(r['shared_added_pct'])} | {_pct(r['composition_added_pct'])} "
+            f"| {r['base_cold_ms']:.1f} ms | {_pct(r['shared_added_pct'])} | {_pct(floor)} "
+            f"| {_pct(r['composition_added_pct'])} "
             f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
             f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} |")
     return "\n".join(lines) + "\n"
@@ -290,25 +303,25 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = True, stem: str = "shared_basis_cpu",
         progress: bool = True, samples: int = 15) -> tuple[list[dict], str]:
     """Runs every config; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
-    bandwidth = measure_read_bandwidth()
     machine = machine_description()
-    flush = CacheFlush("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    flush, probe = CacheFlush(device), StreamProbe(device)
     rows = []
     cache_key, adapters, twin = None, None, None
     for index, cfg in enumerate(sorted(configs, key=lambda c: (c.dtype, c.clusters, c.rank, c.adapters, c.tokens))):
         key = (cfg.dtype, cfg.clusters, cfg.rank, cfg.adapters, cfg.d_in, cfg.d_out)
         if key != cache_key:
             adapters, twin, cache_key = _Adapters(cfg), _Adapters(_twin(cfg)), key
-        row = run_config(cfg, adapters, bandwidth, with_peft, flush=flush, samples=samples, twin=twin)
+        row = run_config(cfg, adapters, probe, with_peft, flush=flush, samples=samples, twin=twin)
         rows.append(row)
         if progress:
             print(f"[{index + 1}/{len(configs)}] {cfg.dtype} C={cfg.clusters} R={cfg.rank} T={cfg.tokens} "
                   f"N={cfg.adapters}: base {row['base_cold_ms']:.2f} ms, shared {_pct(row['shared_added_pct'])}"
                   + (f", multi_lora {_pct(row['multi_lora_added_pct'])}" if "multi_lora_added_pct" in row else "")
                   + (f", PEFT {_pct(row['peft_added_pct'])}" if "peft_added_pct" in row else ""), flush=True)
-    table = markdown_table(rows, machine, bandwidth)
+    table = markdown_table(rows, machine)
     if out_dir is not None:
-        payload = {"machine": machine, "read_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__,
+        payload = {"machine": machine, "torch": torch.__version__,
                    "lolakernels": lolakernels.__version__, "timing": "cold, paired (timing.cold_paired_seconds)",
                    "samples": samples, "rows": rows}
         write_results(out_dir, stem, payload, table)

@@ -51,21 +51,44 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
+def _cache_bytes(device: str) -> int:
+    """The last-level cache a cold call must miss: the GPU's L2 on a GPU, else the CPU's."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).L2_cache_size
+    return last_level_cache_bytes()
+
+
 class CacheFlush:
     """Evicts the caches by reading a buffer three times the last-level cache (the GPU's L2 on a
     GPU), so that the next call finds its weights in memory, as every layer of a model does."""
 
     def __init__(self, device: str = "cpu"):
-        if device == "cuda":
-            cache = torch.cuda.get_device_properties(0).L2_cache_size
-        else:
-            cache = last_level_cache_bytes()
-        self._buffer = torch.ones(3 * cache // 4, dtype=torch.float32, device=device)
+        self._buffer = torch.ones(3 * _cache_bytes(device) // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         self._buffer.sum()
         if self._buffer.is_cuda:
             torch.cuda.synchronize()
+
+
+class StreamProbe:
+    """A streaming read of a buffer four times the last-level cache (the GPU's L2 on a GPU), for
+    timing among a benchmark's own cold calls: this machine's memory bandwidth drifts by up to 2x
+    within minutes, so a fraction of the bandwidth is only meaningful against a read timed moments
+    from the call it is compared with, not against one measurement at the start of the run."""
+
+    def __init__(self, device: str = "cpu"):
+        self._buffer = torch.ones(_cache_bytes(device), dtype=torch.float32, device=device)  # 4 bytes an element
+
+    @property
+    def num_bytes(self) -> int:
+        return self._buffer.numel() * self._buffer.element_size()
+
+    def __call__(self) -> None:
+        self._buffer.sum()
+
+    def bytes_per_second(self, seconds: float) -> float:
+        return self.num_bytes / seconds
 
 
 def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], object]], *, samples: int = 15,
