@@ -56,7 +56,8 @@ def full_grid(d: int = 4096) -> list[Config]:
 
 
 def decode_grid(d: int = 4096) -> list[Config]:
-    """One adapter per token (N = T ∈ {16, 64, 256}), C = 1: the multi-LoRA decode shapes."""
+    """As many adapters as tokens (N = T ∈ {16, 64, 256}, ids drawn at random), C = 1: the multi-LoRA
+    decode shapes."""
     return [Config(dtype, 1, rank, n, n, d, d) for dtype in ("float32", "bfloat16") for rank in (16, 64)
             for n in (16, 64, 256)]
 
