@@ -11,8 +11,9 @@ reports the time each adds over the base GEMM (paired within a sample, see
 timing.cold_paired_seconds), speed ratios of those added times, and the fraction of the memory
 bandwidth the shared_basis_lora call alone reaches, against a streaming read timed among the
 row's own samples (timing.StreamProbe), with the time the row's LoRA bytes take at that bandwidth
-as a share of the base GEMM: the least the call can add on this machine at that moment. The warm figure (the call repeated on
-its own, bank in cache) is kept beside it for comparison with earlier reports.
+as a share of the base GEMM: the least the call can add on this machine at that moment. The warm
+figure (the call repeated on its own, bank in cache) is kept beside it for comparison with earlier
+reports.
 """
 from __future__ import annotations
 
