@@ -75,6 +75,22 @@ def test_compiles_with_inductor():
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(p.x, p.ids), step(p.x, p.ids))
 
 
+
+def test_multi_lora_compiles_fullgraph_on_the_eager_cpu_path_inputs():
+    """multi_lora with the inputs its eager CPU path takes straight to the kernel (implied basis,
+    [N] scale, int32 ranks, out) still traces whole: the straight path is left out under tracing."""
+    torch._dynamo.reset()
+    p = make_problem(9, 20, 12, 4, 5, 5, sigma_kind="none", with_ranks=True, with_adapter_scale=True, seed=9)
+
+    def step(x, ids):
+        out = torch.zeros(x.shape[0], 12)
+        lolakernels.multi_lora(x, p.lora_a, p.lora_b, ids, scale=p.adapter_scale, ranks=p.ranks, out=out)
+        return out
+
+    explanation = torch._dynamo.explain(step)(p.x, p.ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(p.x, p.ids), step(p.x, p.ids))
+
 def _fp64_term(x, lora_a, lora_b, sigma, p):
     """Differentiable fp64 formula (the same math as lora_cases.formula_fp64)."""
     rows = []

@@ -239,6 +239,45 @@ def test_plain_cpu_call_skips_the_full_checks_and_matches_the_general_path(monke
         lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
 
 
+def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkeypatch):
+    """multi_lora (implied arange basis, per-adapter scale, true ranks) and a one-basis call
+    without basis_of take the same straight path to the kernel as a call with basis_of, with the
+    numbers of the general path (the full checks and the backend walk)."""
+    from lolakernels import _backends, _ops
+
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    p = make_problem(11, 36, 29, 6, 5, 5, sigma_kind="none", with_ranks=True, with_adapter_scale=True, seed=6)
+    single = make_problem(7, 20, 18, 4, 3, 1, sigma_kind="full", seed=7)
+    calls = {
+        "multi_lora": lambda **kw: lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=p.adapter_scale,
+                                                          ranks=p.ranks, **kw),
+        "multi_lora_float_scale": lambda **kw: lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=0.25, **kw),
+        "one_basis": lambda **kw: lolakernels.shared_basis_lora(single.x, single.lora_a, single.lora_b, single.sigma,
+                                                                single.ids, scale=0.5, **kw),
+    }
+    with monkeypatch.context() as patched:
+        patched.setattr(_ops, "plain_cpu_call", lambda *args: False)
+        general = {name: call() for name, call in calls.items()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain CPU call went through the full path")
+
+    monkeypatch.setattr(_ops, "check_shared_basis_args", refuse)
+    monkeypatch.setattr(_backends, "select", refuse)
+    for name, call in calls.items():
+        assert torch.equal(call(), general[name]), name
+        out = torch.full((general[name].shape[0], general[name].shape[1] + 5), 2.0)
+        assert call(out=out, out_slice=(5, general[name].shape[1])) is out
+        assert torch.equal(out[:, 5:], 2 + general[name]) and torch.equal(out[:, :5], torch.full_like(out[:, :5], 2.0))
+    # An int scale and int64 ranks and ids are not taken as they are: the general path converts
+    # them first, to the same numbers.
+    converted = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids.long(), scale=p.adapter_scale,
+                                       ranks=p.ranks.long())
+    assert torch.equal(converted, general["multi_lora"])
+    assert torch.equal(lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=1),
+                       lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=1.0))
+
+
 def _plain(p, **overrides):
     from lolakernels import _ops
 
