@@ -25,7 +25,8 @@ from ._checks import (
     require_size,
     require_unit_inner_stride,
 )
-from .cpu import CPU_DTYPES  # the wrapper only; the extension itself loads on first use
+from . import cpu  # the wrapper only; the extension itself loads on first use
+from .cpu import CPU_DTYPES
 from .reference.shared_basis_lora import shared_basis_lora_backward
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,13 +108,15 @@ def check_shared_basis_values(
         require_in_range("ranks", ranks, 0, rank, f"[0, {rank}] (R = {rank})")
 
 
-def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset) -> bool:
-    """Whether a call is one the cpu backend takes as it is, with every check of
-    check_shared_basis_args passing: the per-layer call of CPU inference, judged in one expression.
+def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset
+                   ) -> Optional[tuple]:
+    """The kernel arguments (cpu.shared_basis_lora_args) of a call the cpu backend takes as it
+    is, with every check of check_shared_basis_args passing, else None: the per-layer call of CPU
+    inference, judged in one expression.
 
     This is the whole per-call cost of the checks there: right after a cache-evicting GEMM the
     thirty small functions of the full checks and the backend walk cost ~60 µs, about 2% of a
-    decode-size bf16 GEMM. False means only "not vouched for": the caller then runs the full
+    decode-size bf16 GEMM. None means only "not vouched for": the caller then runs the full
     checks, which raise with the reason, or routes the call to the backend that takes it. So every
     condition here is at least as strict as the check it stands for (tests/test_refusals.py sends
     every refused input through this first)."""
@@ -123,7 +126,7 @@ def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale
         b_clusters, d_out, b_rank = lora_b.shape
         (num_adapters,) = basis_of.shape
         dtype = x.dtype
-        return (
+        vouched = (
             dtype in CPU_DTYPES and _env.read("LOLA_BACKEND") in ("", "cpu") and _cpu_built()
             and x.is_cpu and x.stride(1) == 1
             and a_d_in == d_in and b_clusters == num_clusters and b_rank == rank
@@ -145,8 +148,12 @@ def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale
                 out.dim() == 2 and out.shape[0] == num_tokens and out.dtype == dtype and out.is_cpu
                 and out.stride(1) == 1 and 0 <= out_offset and out_offset + d_out <= out.shape[1]))
         )
+        if not vouched:
+            return None
+        # A bad LOLA_CPU_ISA raises in here: the general path then raises it again, with its message.
+        return cpu.shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
     except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dims
-        return False
+        return None
 
 
 _CPU_LOADED = False
@@ -162,45 +169,44 @@ def _cpu_built() -> bool:
     return _CPU_LOADED
 
 
-def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate,
-            backend=None):
-    """Value checks, then the kernel of `backend` (else the selected one); arguments already shape-checked."""
-    # The CPU kernel range-checks ids and every entry of basis_of and ranks before it writes
-    # anything (T = 0 included), validate or not, and raises the same ValueError; the torch
-    # aminmax checks cost ~50 µs a call right after a cache-evicting GEMM, 2% of a decode-size
-    # bf16 layer. So a call plain_cpu_call vouched for goes straight to it.
-    kernel_checks = backend == "cpu"
-    if validate and not kernel_checks:
+def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
+    """Value checks, then the kernel of the selected backend; arguments already shape-checked."""
+    if validate:
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
-    if (x.shape[0] == 0 or lora_b.shape[1] == 0) and not kernel_checks:
+    if x.shape[0] == 0 or lora_b.shape[1] == 0:
         return
-    if backend is None:
-        backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
+    backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
     )
 
 
+# A call plain_cpu_call vouched for goes straight to the CPU kernel, validate or not: the kernel
+# range-checks ids and every entry of basis_of and ranks before it writes anything (T = 0
+# included) and raises the same ValueError, and the torch aminmax checks cost ~50 µs a call right
+# after a cache-evicting GEMM, 2% of a decode-size bf16 layer.
+
 def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
                            validate):
     """Body of lolakernels::shared_basis_lora_: adds the term into out in place."""
-    backend = None
-    if plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset):
-        backend = "cpu"
-    else:
-        check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
-    _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate, backend)
+    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    if args is not None:
+        cpu.launch_shared_basis_lora(out, out_offset, args)
+        return
+    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
 
 
 def run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
     """Body of lolakernels::shared_basis_lora: the term [T, d_out] in x's dtype."""
-    backend = None
-    if plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, None, 0):
-        backend = "cpu"
-    else:
+    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, None, 0)
+    if args is None:
         check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
     out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
-    _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate, backend)
+    if args is not None:
+        cpu.launch_shared_basis_lora(out, 0, args)
+    else:
+        _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
     return out
 
 

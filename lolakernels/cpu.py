@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _env
-from ._raw import address, sigma_kind
+from ._raw import address
 
 if TYPE_CHECKING:
     from .reference.nf4 import Nf4Weight
@@ -67,6 +67,32 @@ def _isa_for(forced: str) -> int:
     return names[forced]
 
 
+def shared_basis_lora_args(x: Tensor, lora_a: Tensor, lora_b: Tensor, sigma: Optional[Tensor], ids: Tensor,
+                           basis_of: Tensor, scale: float, adapter_scale: Optional[Tensor],
+                           ranks: Optional[Tensor]) -> tuple:
+    """The arguments of the C++ entry after out's three (its pointer, row stride and column offset),
+    for validated CPU tensors: see launch_shared_basis_lora. (The optional pointers and the Σ kind
+    are _raw.address and _raw.sigma_kind written out: this runs once per layer of a model, where
+    each Python call costs 2-4 µs right after a cache-evicting GEMM.)"""
+    num_clusters, rank, d_in = lora_a.shape
+    return (x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
+            0 if sigma is None else sigma.data_ptr(), 0 if sigma is None else (1 if sigma.dim() == 2 else 2),
+            ids.data_ptr(), basis_of.data_ptr(), scale,
+            0 if adapter_scale is None else adapter_scale.data_ptr(), 0 if ranks is None else ranks.data_ptr(),
+            x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
+            _DTYPE_CODE[x.dtype], isa(), _num_threads())
+
+
+# torch's thread count, which the kernel follows as torch's own CPU ops do (an alias: one
+# attribute walk less a call).
+_num_threads = torch.get_num_threads
+
+
+def launch_shared_basis_lora(out: Tensor, out_offset: int, args: tuple) -> None:
+    """Adds the term into out[:, out_offset : out_offset + d_out]; args from shared_basis_lora_args."""
+    (_LOADED or _module()).shared_basis_lora(out.data_ptr(), out.stride(0), out_offset, *args)
+
+
 def shared_basis_lora_(
     out: Tensor,
     out_offset: int,
@@ -81,17 +107,8 @@ def shared_basis_lora_(
     ranks: Optional[Tensor],
 ) -> None:
     """In-place op of ``lolakernels.reference.shared_basis_lora_`` on validated CPU tensors."""
-    num_clusters, rank, d_in = lora_a.shape
-    _module().shared_basis_lora(
-        out.data_ptr(), out.stride(0), out_offset,
-        x.data_ptr(), x.stride(0),
-        lora_a.data_ptr(), lora_b.data_ptr(),
-        address(sigma), sigma_kind(sigma),
-        ids.data_ptr(), basis_of.data_ptr(), float(scale),
-        address(adapter_scale), address(ranks),
-        x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
-        _DTYPE_CODE[x.dtype], isa(), torch.get_num_threads(),
-    )
+    launch_shared_basis_lora(out, out_offset,
+                             shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks))
 
 
 def _nf4_weight_args(weight: "Nf4Weight") -> tuple:

@@ -256,7 +256,7 @@ def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkey
                                                                 single.ids, scale=0.5, **kw),
     }
     with monkeypatch.context() as patched:
-        patched.setattr(_ops, "plain_cpu_call", lambda *args: False)
+        patched.setattr(_ops, "plain_cpu_call", lambda *args: None)
         general = {name: call() for name, call in calls.items()}
 
     def refuse(*args, **kwargs):
