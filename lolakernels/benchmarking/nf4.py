@@ -6,8 +6,10 @@ For each (weight shape N×K, tokens M, compute dtype) it times, in the same run:
   bnb_peft    PEFT's lora.bnb.Linear4bit over bitsandbytes' Linear4bit, eval mode (bitsandbytes'
               own CPU inference path: it repacks the weight on the first call)
   dense_lora  PEFT's lora.Linear over a dense nn.Linear in the compute dtype
-and reports ratios and, for M = 1, the fraction of the measured read bandwidth (DESIGN §7 bytes:
-packed weight + absmax codes + adapter + activations, over time and bandwidth).
+and reports ratios and, for M = 1, the fraction of the read bandwidth (DESIGN §7 bytes: packed
+weight + absmax codes + adapter + activations, over time and bandwidth). The bandwidth is a
+streaming read timed among each row's own rounds (timing.StreamProbe): this machine's drifts by up
+to 2x within minutes, so one measurement at the start of a run misstates the later rows.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 import lolakernels
 
-from .timing import interleaved_seconds, machine_description, measure_read_bandwidth, write_results
+from .timing import StreamProbe, interleaved_seconds, machine_description, write_results
 
 RANK = 16
 BLOCKSIZE = 64
@@ -91,7 +93,7 @@ def _bytes_read(cfg: Config, element_size: int) -> int:
     return n * k // 2 + n * k // BLOCKSIZE + 4 * RANK * (n + k) + cfg.tokens * (k + n) * element_size
 
 
-def run_config(cfg: Config, layer: _Layer, bandwidth: float) -> dict:
+def run_config(cfg: Config, layer: _Layer, probe: StreamProbe, rounds: int = 3, min_seconds: float = 0.3) -> dict:
     dtype = getattr(torch, cfg.dtype)
     x = torch.randn(cfg.tokens, cfg.in_features, generator=torch.Generator().manual_seed(cfg.tokens)).to(dtype)
     cold = itertools.cycle(layer.cold_copies)
@@ -108,18 +110,20 @@ def run_config(cfg: Config, layer: _Layer, bandwidth: float) -> dict:
     def dense_lora():
         return layer.peft_dense(x)
 
-    methods = {"ours": ours, "ours_cold": ours_cold, "bnb_peft": bnb_peft, "dense_lora": dense_lora}
+    methods = {"ours": ours, "ours_cold": ours_cold, "bnb_peft": bnb_peft, "dense_lora": dense_lora, "stream": probe}
     row = asdict(cfg)
     with torch.no_grad():
         reference = dense_lora().float()
         row["max_rel_diff_vs_dense_peft"] = float((ours().float() - reference).abs().max() /
                                                   reference.abs().max())
-        times = interleaved_seconds(methods)
+        times = interleaved_seconds(methods, rounds=rounds, min_seconds=min_seconds)
+    bandwidth = probe.bytes_per_second(times.pop("stream"))
     for name, seconds in times.items():
         row[f"{name}_ms"] = seconds * 1e3
     row["speedup_vs_bnb_peft"] = times["bnb_peft"] / times["ours"]
     row["time_vs_dense_lora"] = times["ours"] / times["dense_lora"]
     row["bytes_read"] = _bytes_read(cfg, x.element_size())
+    row["read_bandwidth_bytes_per_s"] = bandwidth
     row["fraction_of_bandwidth_cold"] = row["bytes_read"] / times["ours_cold"] / bandwidth
     row["fraction_of_bandwidth_warm"] = row["bytes_read"] / times["ours"] / bandwidth
     return row
@@ -129,12 +133,15 @@ def _fmt(value, digits=2):
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: list[dict], machine: str, bandwidth: float, note: str = "") -> str:
+def markdown_table(rows: list[dict], machine: str, note: str = "") -> str:
+    rates = [r["read_bandwidth_bytes_per_s"] / 1e9 for r in rows]
+    measured = f"{min(rates):.1f}–{max(rates):.1f} GB/s in this run" if rates else "no rows"
     lines = [
         f"# nf4 + LoRA (r = {RANK}) on {machine}",
         "",
-        f"Measured read bandwidth: {bandwidth / 1e9:.1f} GB/s. Blocksize {BLOCKSIZE}, double quantization, "
-        "PEFT's fp32 adapter. Each time is the best of 3 interleaved medians.",
+        f"Read bandwidth: a streaming read timed among each row's own calls (GB/s column), {measured}. "
+        f"Blocksize {BLOCKSIZE}, double quantization, PEFT's fp32 adapter. Each time is the best of 3 "
+        "interleaved medians.",
         "bnb + PEFT: PEFT's lora.bnb.Linear4bit in eval mode (bitsandbytes' repacked CPU kernel, which computes "
         "in bf16 with bf16-rounded absmax whatever the input dtype: its float32 rows are not float32 products, "
         "ours are); dense: PEFT "
@@ -146,22 +153,24 @@ def markdown_table(rows: list[dict], machine: str, bandwidth: float, note: str =
     lines += [
         "",
         "| N × K | M | dtype | ours ms | ours cold ms | bnb + PEFT ms | dense + LoRA ms | vs bnb + PEFT "
-        "| time / dense | bandwidth (cold) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| time / dense | GB/s | bandwidth (cold) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fraction = f"{100 * r['fraction_of_bandwidth_cold']:.0f}%" if r["tokens"] == 1 else "–"
         lines.append(
             f"| {r['out_features']} × {r['in_features']} | {r['tokens']} | {r['dtype']} | {_fmt(r['ours_ms'], 3)} "
             f"| {_fmt(r['ours_cold_ms'], 3)} | {_fmt(r['bnb_peft_ms'], 3)} | {_fmt(r['dense_lora_ms'], 3)} "
-            f"| {_fmt(r['speedup_vs_bnb_peft'])}× | {_fmt(r['time_vs_dense_lora'])}× | {fraction} |")
+            f"| {_fmt(r['speedup_vs_bnb_peft'])}× | {_fmt(r['time_vs_dense_lora'])}× "
+            f"| {r['read_bandwidth_bytes_per_s'] / 1e9:.1f} | {fraction} |")
     return "\n".join(lines) + "\n"
 
 
 def run(configs: list[Config], out_dir: Optional[Path], *, stem: str = "nf4_cpu", note: str = "",
-        progress: bool = True) -> tuple[list[dict], str]:
-    """Runs every config; writes <stem>.json/.md under out_dir; returns (rows, markdown)."""
-    bandwidth = measure_read_bandwidth()
+        progress: bool = True, rounds: int = 3, min_seconds: float = 0.3) -> tuple[list[dict], str]:
+    """Runs every config; writes <stem>.json/.md under out_dir; returns (rows, markdown). Each
+    method's time is its best median over `rounds` interleaved rounds of at least min_seconds."""
+    probe = StreamProbe()
     machine = machine_description()
     rows = []
     key, layer = None, None
@@ -171,15 +180,15 @@ def run(configs: list[Config], out_dir: Optional[Path], *, stem: str = "nf4_cpu"
             layer = None
             layer = _Layer(cfg.out_features, cfg.in_features, getattr(torch, cfg.dtype))
             key = (cfg.dtype, cfg.out_features, cfg.in_features)
-        row = run_config(cfg, layer, bandwidth)
+        row = run_config(cfg, layer, probe, rounds, min_seconds)
         rows.append(row)
         if progress:
             print(f"[{index + 1}/{len(ordered)}] {cfg.out_features}x{cfg.in_features} M={cfg.tokens} {cfg.dtype}: "
                   f"ours {row['ours_ms']:.3f} ms, bnb+PEFT {row['bnb_peft_ms']:.3f} ms, "
                   f"dense {row['dense_lora_ms']:.3f} ms", flush=True)
-    table = markdown_table(rows, machine, bandwidth, note)
+    table = markdown_table(rows, machine, note)
     if out_dir is not None:
-        payload = {"machine": machine, "read_bandwidth_bytes_per_s": bandwidth, "torch": torch.__version__,
+        payload = {"machine": machine, "torch": torch.__version__,
                    "lolakernels": lolakernels.__version__, "note": note, "rows": rows}
         write_results(out_dir, stem, payload, table)
     return rows, table

@@ -134,15 +134,6 @@ def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], 
     return statistics.median(base_times), medians, added
 
 
-def measure_read_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Bytes/s of a streaming read (sum of a buffer far larger than the caches), on all threads."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    buffer = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    seconds = median_seconds(buffer.sum, min_runs=5, min_seconds=0.5)
-    del buffer
-    return num_bytes / seconds
-
-
 def machine_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
