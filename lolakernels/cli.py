@@ -40,7 +40,8 @@ def _bench_shared_basis(args) -> int:
     out_dir = None if args.no_save else Path(args.out)
     stem = args.stem or ("shared_basis_quick" if args.quick else
                          "shared_basis_decode_cpu" if args.decode else "shared_basis_cpu")
-    rows, table = shared_basis.run(grid, out_dir, with_peft=not args.no_peft, stem=stem)
+    passes = args.passes if args.passes is not None else (1 if args.quick else 3)
+    rows, table = shared_basis.run(grid, out_dir, with_peft=not args.no_peft, stem=stem, passes=passes)
     print(table)
     if out_dir is not None:
         print(f"wrote {out_dir / (stem + '.json')}, {out_dir / (stem + '.md')} and {out_dir / (stem + '.png')}")
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--dim", type=int, default=4096, help="d_in = d_out (default 4096)")
     shared.add_argument("--dtype", choices=["float32", "bfloat16"], help="only this dtype")
     shared.add_argument("--no-peft", action="store_true", help="skip the PEFT mixed-batch baseline")
+    shared.add_argument("--passes", type=int,
+                        help="times the whole grid is run; each row pools its passes (default 3, 1 with --quick)")
     shared.add_argument("--out", default=str(DEFAULT_RESULTS), help="results folder (default benchmarks/results)")
     shared.add_argument("--stem", help="file name stem of the results")
     shared.add_argument("--no-save", action="store_true", help="print only")

@@ -73,6 +73,53 @@ def test_run_writes_every_config_with_exact_numbers(tmp_path, with_peft):
     assert "float32 | 1 | 4 | 3 | 5" in shared_basis.summary_table(payload, decode=True)
 
 
+def test_passes_pool_their_samples_into_one_row(tmp_path):
+    """Each config is measured once per pass; the row's medians are over every pass's samples, and
+    each pass's own added time is kept and shown as the row's range."""
+    configs = [shared_basis.Config("float32", 1, 4, 3, 5, 64, 48), shared_basis.Config("bfloat16", 2, 5, 4, 6, 40, 64)]
+    calls = []
+    real_measure = shared_basis.measure_config
+
+    def measure(cfg, *args, **kwargs):
+        calls.append(cfg)
+        return real_measure(cfg, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(shared_basis, "measure_config", measure)
+        rows, table = shared_basis.run(configs, tmp_path, with_peft=False, stem="passes", progress=False,
+                                       samples=3, passes=2)
+    # The whole grid once per pass, not each config twice in a row.
+    assert calls == [configs[1], configs[0], configs[1], configs[0]]
+    payload = json.loads((tmp_path / "passes.json").read_text())
+    assert payload["passes"] == 2
+    for row in rows:
+        assert row["passes"] == 2 and len(row["shared_added_pct_by_pass"]) == 2
+        low, high = min(row["shared_added_pct_by_pass"]), max(row["shared_added_pct_by_pass"])
+        assert f"{row['shared_added_pct']:+.1f}% ({low:+.1f} to {high:+.1f})" in table
+    with pytest.raises(ValueError, match="passes must be at least 1"):
+        shared_basis.run(configs, None, with_peft=False, progress=False, passes=0)
+
+
+def test_row_of_pools_the_samples_of_every_pass():
+    """A row's added time is the median of (fn − base) over the samples of all passes together."""
+    cfg = shared_basis.Config("float32", 1, 4, 3, 5, 64, 48)
+    probe = timing.StreamProbe()
+
+    def one_pass(base, shared):
+        cold = {timing.BASE: base, "shared": shared, "composition": shared, "shared_lora_only": shared,
+                "stream": [1.0] * len(base)}
+        return {"errors": {}, "warm": {"base": 1.0, "shared_lora_only": 0.5}, "cold": cold,
+                "layers": ["shared", "composition"], "lora_bytes": 1000}
+
+    first = one_pass([1.0, 1.0, 1.0], [1.1, 1.1, 1.1])  # adds 10%
+    second = one_pass([2.0, 2.0], [2.6, 2.6])  # adds 30% of a slower base
+    row = shared_basis.row_of(cfg, [first, second], probe)
+    assert row["base_cold_ms"] == pytest.approx(1000.0)  # median of 1, 1, 1, 2, 2 s
+    assert row["shared_added_ms"] == pytest.approx(100.0)  # median of 0.1, 0.1, 0.1, 0.6, 0.6 s
+    assert row["shared_added_pct_by_pass"] == pytest.approx([10.0, 30.0])
+    assert row["read_bandwidth_bytes_per_s"] == pytest.approx(probe.num_bytes)
+
+
 def test_decode_grid_is_one_adapter_per_token():
     grid = shared_basis.decode_grid()
     assert {(c.tokens, c.adapters) for c in grid} == {(16, 16), (64, 64), (256, 256)}

@@ -8,12 +8,13 @@ For each (dtype, clusters C, rank R, tokens T, adapters N) it times, in the same
   peft         PEFT's mixed-batch forward (adapter_names=) on those adapters, PEFT's defaults
 each right after a cache flush, as every layer of a model finds its weights in memory, and
 reports the time each adds over the base GEMM (paired within a sample, see
-timing.cold_paired_seconds), speed ratios of those added times, and the fraction of the memory
+timing.paired_summary), speed ratios of those added times, and the fraction of the memory
 bandwidth the shared_basis_lora call alone reaches, against a streaming read timed among the
 row's own samples (timing.StreamProbe), with the time the row's LoRA bytes take at that bandwidth
 as a share of the base GEMM: the least the call can add on this machine at that moment. The warm
 figure (the call repeated on its own, bank in cache) is kept beside it for comparison with earlier
-reports.
+reports. With passes > 1 the grid is run that many times over and each row pools its samples of
+every pass, minutes apart.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 import lolakernels
 from lolakernels.reference import shared_basis_lora_torch
 
-from .timing import (CacheFlush, StreamProbe, cold_paired_seconds, headless_pyplot, interleaved_seconds,
-                     machine_description, write_results)
+from .timing import (CacheFlush, StreamProbe, cold_paired_samples, headless_pyplot, interleaved_seconds,
+                     machine_description, paired_summary, write_results)
 
 
 @dataclass(frozen=True)
@@ -162,44 +163,69 @@ def _layer_methods(cfg: Config, a: _Adapters, with_peft: bool) -> tuple[dict, to
     return methods, x, ids
 
 
-def run_config(cfg: Config, adapters: _Adapters, probe: StreamProbe, with_peft: bool,
-               flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
+def measure_config(cfg: Config, adapters: _Adapters, probe: StreamProbe, with_peft: bool,
+                   flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
+    """One pass over a config: the errors against PEFT, the warm times and the raw cold samples
+    (timing.cold_paired_samples, the stream probe among them), for row_of."""
     methods, x, ids = _layer_methods(cfg, adapters, with_peft)
     primes = _layer_methods(_twin(cfg), twin, with_peft)[0] if twin is not None else None
     layers = {name: fn for name, fn in methods.items() if name not in ("base", "shared_lora_only")}
-    row = asdict(cfg)
+    errors = {}
     with torch.no_grad():
         if "peft" in methods:
             reference = methods["peft"]().squeeze(1).float()
             scale = reference.abs().max().item()
             for name in ("multi_lora", "shared"):
                 error = (methods[name]().float() - reference).abs().max().item()
-                row[f"max_rel_error_{name}_vs_peft"] = error / scale
+                errors[f"max_rel_error_{name}_vs_peft"] = error / scale
         warm = interleaved_seconds({"base": methods["base"], "shared_lora_only": methods["shared_lora_only"]})
-        base_cold, cold, added = cold_paired_seconds(
+        cold = cold_paired_samples(
             methods["base"], {**layers, "shared_lora_only": methods["shared_lora_only"], "stream": probe},
             samples=samples, flush=flush, primes=primes)
-    bandwidth = probe.bytes_per_second(cold.pop("stream"))
+    return {"errors": errors, "warm": warm, "cold": cold, "layers": list(layers),
+            "lora_bytes": _lora_bytes(cfg, ids, adapters.basis_of, x.element_size())}
+
+
+def row_of(cfg: Config, passes: list[dict], probe: StreamProbe) -> dict:
+    """The report row of a config from its passes (measure_config): every median is taken over the
+    samples of all passes together, so a row measured in passes minutes apart is not the verdict
+    of one phase of this machine's drifting memory; shared_added_pct_by_pass keeps each pass's own."""
+    row = asdict(cfg)
+    row.update(passes[0]["errors"])
+    cold = {name: [t for one in passes for t in one["cold"][name]] for name in passes[0]["cold"]}
+    base_cold, medians, added = paired_summary(cold)
+    bandwidth = probe.bytes_per_second(medians.pop("stream"))
     added.pop("stream")
-    row["base_ms"] = warm["base"] * 1e3
-    row["shared_lora_only_ms"] = warm["shared_lora_only"] * 1e3
+    layers = passes[0]["layers"]
+    row["passes"] = len(passes)
+    row["base_ms"] = min(one["warm"]["base"] for one in passes) * 1e3
+    row["shared_lora_only_ms"] = min(one["warm"]["shared_lora_only"] for one in passes) * 1e3
     row["base_cold_ms"] = base_cold * 1e3
-    row["shared_lora_only_cold_ms"] = cold["shared_lora_only"] * 1e3
+    row["shared_lora_only_cold_ms"] = medians["shared_lora_only"] * 1e3
     for name in layers:
-        row[f"{name}_cold_ms"] = cold[name] * 1e3
+        row[f"{name}_cold_ms"] = medians[name] * 1e3
         row[f"{name}_added_ms"] = added[name] * 1e3
         row[f"{name}_added_pct"] = 100 * added[name] / base_cold
+    if len(passes) > 1:
+        by_pass = [paired_summary(one["cold"]) for one in passes]
+        row["shared_added_pct_by_pass"] = [100 * one_added["shared"] / one_base for one_base, _, one_added in by_pass]
     # Ratios of added times; when noise leaves either one non-positive the ratio means nothing.
     ratio = lambda slow, fast: slow / fast if slow > 0 and fast > 0 else None  # noqa: E731
     row["shared_speedup_vs_composition"] = ratio(added["composition"], added["shared"])
     if "peft" in added:
         row["multi_lora_added_time_speedup_vs_peft"] = ratio(added["peft"], added["multi_lora"])
         row["shared_added_time_speedup_vs_peft"] = ratio(added["peft"], added["shared"])
-    row["lora_bytes"] = _lora_bytes(cfg, ids, adapters.basis_of, x.element_size())
+    row["lora_bytes"] = passes[0]["lora_bytes"]
     row["read_bandwidth_bytes_per_s"] = bandwidth
-    row["lora_fraction_of_bandwidth"] = row["lora_bytes"] / cold["shared_lora_only"] / bandwidth
+    row["lora_fraction_of_bandwidth"] = row["lora_bytes"] / medians["shared_lora_only"] / bandwidth
     row["lora_bytes_floor_pct"] = 100 * row["lora_bytes"] / bandwidth / base_cold
     return row
+
+
+def run_config(cfg: Config, adapters: _Adapters, probe: StreamProbe, with_peft: bool,
+               flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
+    """The row of one pass over a config."""
+    return row_of(cfg, [measure_config(cfg, adapters, probe, with_peft, flush, samples, twin)], probe)
 
 
 def _fmt(value, digits=1):
@@ -216,6 +242,13 @@ def _pct(value) -> str:
     return "–" if value is None else f"{value:+.1f}%"
 
 
+def _shared_added(row: dict) -> str:
+    """The call's added time, with the range over passes where the row has several."""
+    by_pass = row.get("shared_added_pct_by_pass")
+    text = _pct(row["shared_added_pct"])
+    return text if not by_pass else f"{text} ({min(by_pass):+.1f} to {max(by_pass):+.1f})"
+
+
 def markdown_table(rows: list[dict], machine: str) -> str:
     shapes = ", ".join(sorted({f"{r['d_in']} × {r['d_out']}" for r in rows}))
     lines = [
@@ -230,6 +263,8 @@ def markdown_table(rows: list[dict], machine: str) -> str:
         "'GB/s' is a streaming read timed among the row's own samples (the bandwidth of this machine drifts",
         "by up to 2x within minutes); 'bytes floor' is the time the row's LoRA bytes (DESIGN §7) take at",
         "that bandwidth, over the base GEMM: the least shared_basis_lora can add here and now.",
+        "With several passes over the grid (minutes apart) a row's medians pool the samples of every pass,",
+        "and the range after '+ shared_basis_lora' is that of the passes' own medians.",
         "",
         "| dtype | C | R | T | N | base ms (cold) | + shared_basis_lora | alone, warm | + composition "
         "| + multi_lora | + PEFT | shared vs composition | multi_lora vs PEFT | shared vs PEFT "
@@ -239,7 +274,7 @@ def markdown_table(rows: list[dict], machine: str) -> str:
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
-            f"| {_fmt(r['base_cold_ms'], 2)} | {_pct(r['shared_added_pct'])} "
+            f"| {_fmt(r['base_cold_ms'], 2)} | {_shared_added(r)} "
             f"| {_fmt(100 * r['shared_lora_only_ms'] / r['base_ms'])}% | {_pct(r['composition_added_pct'])} "
             f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
             f"| {_ratio(r.get('shared_speedup_vs_composition'))} "
@@ -266,7 +301,7 @@ def summary_table(payload: dict, decode: bool = False) -> str:
         floor = r.get("lora_bytes_floor_pct")
         lines.append(
             f"| {r['dtype']} | {r['clusters']} | {r['rank']} | {r['tokens']} | {r['adapters']} "
-            f"| {r['base_cold_ms']:.1f} ms | {_pct(r['shared_added_pct'])} | {_pct(floor)} "
+            f"| {r['base_cold_ms']:.1f} ms | {_shared_added(r)} | {_pct(floor)} "
             f"| {_pct(r['composition_added_pct'])} "
             f"| {_pct(r.get('multi_lora_added_pct'))} | {_pct(r.get('peft_added_pct'))} "
             f"| {_ratio(r.get('multi_lora_added_time_speedup_vs_peft'))} |")
@@ -303,29 +338,39 @@ def plot(rows: list[dict], path: Path) -> Optional[Path]:
 
 
 def run(configs: list[Config], out_dir: Optional[Path], *, with_peft: bool = True, stem: str = "shared_basis_cpu",
-        progress: bool = True, samples: int = 15) -> tuple[list[dict], str]:
-    """Runs every config; writes <stem>.json/.md/.png under out_dir; returns (rows, markdown)."""
+        progress: bool = True, samples: int = 15, passes: int = 1) -> tuple[list[dict], str]:
+    """Runs every config `passes` times (the whole grid once per pass, so a config's passes lie
+    minutes apart) with `samples` paired samples a pass; writes <stem>.json/.md/.png under out_dir;
+    returns (rows, markdown)."""
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
     machine = machine_description()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flush, probe = CacheFlush(device), StreamProbe(device)
-    rows = []
-    cache_key, adapters, twin = None, None, None
-    for index, cfg in enumerate(sorted(configs, key=lambda c: (c.dtype, c.clusters, c.rank, c.adapters, c.tokens))):
-        key = (cfg.dtype, cfg.clusters, cfg.rank, cfg.adapters, cfg.d_in, cfg.d_out)
-        if key != cache_key:
-            adapters, twin, cache_key = _Adapters(cfg), _Adapters(_twin(cfg)), key
-        row = run_config(cfg, adapters, probe, with_peft, flush=flush, samples=samples, twin=twin)
-        rows.append(row)
-        if progress:
-            print(f"[{index + 1}/{len(configs)}] {cfg.dtype} C={cfg.clusters} R={cfg.rank} T={cfg.tokens} "
-                  f"N={cfg.adapters}: base {row['base_cold_ms']:.2f} ms, shared {_pct(row['shared_added_pct'])}"
-                  + (f", multi_lora {_pct(row['multi_lora_added_pct'])}" if "multi_lora_added_pct" in row else "")
-                  + (f", PEFT {_pct(row['peft_added_pct'])}" if "peft_added_pct" in row else ""), flush=True)
+    ordered = sorted(configs, key=lambda c: (c.dtype, c.clusters, c.rank, c.adapters, c.tokens))
+    measured: list[list[dict]] = [[] for _ in ordered]
+    for pass_index in range(passes):
+        cache_key, adapters, twin = None, None, None
+        for index, cfg in enumerate(ordered):
+            key = (cfg.dtype, cfg.clusters, cfg.rank, cfg.adapters, cfg.d_in, cfg.d_out)
+            if key != cache_key:
+                adapters = twin = None  # one bank in memory at a time
+                adapters, twin, cache_key = _Adapters(cfg), _Adapters(_twin(cfg)), key
+            measured[index].append(measure_config(cfg, adapters, probe, with_peft, flush, samples, twin))
+            if progress:
+                row = row_of(cfg, measured[index][-1:], probe)
+                where = f"pass {pass_index + 1}/{passes} " if passes > 1 else ""
+                print(f"[{where}{index + 1}/{len(ordered)}] {cfg.dtype} C={cfg.clusters} R={cfg.rank} "
+                      f"T={cfg.tokens} N={cfg.adapters}: base {row['base_cold_ms']:.2f} ms, "
+                      f"shared {_pct(row['shared_added_pct'])}"
+                      + (f", multi_lora {_pct(row['multi_lora_added_pct'])}" if "multi_lora_added_pct" in row else "")
+                      + (f", PEFT {_pct(row['peft_added_pct'])}" if "peft_added_pct" in row else ""), flush=True)
+    rows = [row_of(cfg, one, probe) for cfg, one in zip(ordered, measured)]
     table = markdown_table(rows, machine)
     if out_dir is not None:
         payload = {"machine": machine, "torch": torch.__version__,
-                   "lolakernels": lolakernels.__version__, "timing": "cold, paired (timing.cold_paired_seconds)",
-                   "samples": samples, "rows": rows}
+                   "lolakernels": lolakernels.__version__, "timing": "cold, paired (timing.cold_paired_samples)",
+                   "samples": samples, "passes": passes, "rows": rows}
         write_results(out_dir, stem, payload, table)
         plot(rows, out_dir / f"{stem}.png")
     return rows, table

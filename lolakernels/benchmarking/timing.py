@@ -91,26 +91,27 @@ class StreamProbe:
         return self.num_bytes / seconds
 
 
-def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], object]], *, samples: int = 15,
+BASE = "__base__"  # the base's key in cold_paired_samples
+
+
+def cold_paired_samples(base: Callable[[], object], fns: dict[str, Callable[[], object]], *, samples: int = 15,
                         flush: Callable[[], None] | None = None,
-                        primes: dict[str, Callable[[], object]] | None = None
-                        ) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Cold-cache times of `base` and of each fn, and what each adds over `base`.
+                        primes: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+    """Cold-cache times of `base` (key BASE) and of each fn: {name: [seconds of sample i]}.
 
     Every call runs right after a cache flush, then (untimed) its entry in `primes`, keyed by the
     fn's name or "base": the same call on tiny stand-in data. In a model the interpreter, the
     dispatcher and the kernels' code stay in cache from layer to layer and only the weights come
     from memory; the flush evicts both, and the prime brings back the first without the second.
-    Each sample times base and every fn once, in an order that rotates from sample to sample,
-    and a fn's added time is the median over samples of (fn − base) within the sample: on a
-    shared machine the base GEMM drifts by more than a small LoRA term costs, and pairing calls
-    that ran moments apart cancels that drift.
-    Returns (median base seconds, {name: median seconds}, {name: median added seconds})."""
+    Each sample times base and every fn once, in an order that rotates from sample to sample, so
+    entry i of every list was timed within moments of the others: paired_summary takes what each
+    fn adds within a sample. Samples of several calls of this (passes over a grid, minutes apart)
+    can be concatenated and summarized together."""
     flush = flush or CacheFlush("cuda" if torch.cuda.is_available() else "cpu")
     primes = dict(primes or {})
     if "base" in primes:
-        primes["__base__"] = primes.pop("base")
-    everything = {"__base__": base, **fns}
+        primes[BASE] = primes.pop("base")
+    everything = {BASE: base, **fns}
     names = list(everything)
     for fn in everything.values():  # warm-up: allocations, first-call dispatch
         fn()
@@ -128,10 +129,28 @@ def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - begin)
-    base_times = times.pop("__base__")
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    added = {name: statistics.median(t - b for t, b in zip(values, base_times)) for name, values in times.items()}
+    return times
+
+
+def paired_summary(times: dict[str, list[float]]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(median base seconds, {name: median seconds}, {name: median added seconds}) of
+    cold_paired_samples' times: a fn's added time is the median over samples of (fn − base)
+    within the sample. On a shared machine the base GEMM drifts by more than a small LoRA term
+    costs, and pairing calls that ran moments apart cancels that drift."""
+    base_times = times[BASE]
+    fns = {name: values for name, values in times.items() if name != BASE}
+    medians = {name: statistics.median(values) for name, values in fns.items()}
+    added = {name: statistics.median(t - b for t, b in zip(values, base_times)) for name, values in fns.items()}
     return statistics.median(base_times), medians, added
+
+
+def cold_paired_seconds(base: Callable[[], object], fns: dict[str, Callable[[], object]], *, samples: int = 15,
+                        flush: Callable[[], None] | None = None,
+                        primes: dict[str, Callable[[], object]] | None = None
+                        ) -> tuple[float, dict[str, float], dict[str, float]]:
+    """paired_summary of one cold_paired_samples run: (median base seconds, {name: median
+    seconds}, {name: median added seconds})."""
+    return paired_summary(cold_paired_samples(base, fns, samples=samples, flush=flush, primes=primes))
 
 
 def machine_description() -> str:
