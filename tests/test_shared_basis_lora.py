@@ -159,6 +159,24 @@ def test_decode_row_expand_every_rank_step_count(use_backend, backend, isa, dtyp
     assert_term_close(term, formula_fp64(p), p)
 
 
+# A pair of tokens on one adapter at bf16 rank <= 16 shares each lora_b row's load and product
+# (two tokens in the two halves of one VDPBF16PS); each token's sums must be those it gets alone,
+# at every rank up to 16 (rows shorter than a half), with d_out ending inside a 16-column block.
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("rank", [1, 2, 7, 15, 16, 17])
+def test_bf16_token_pairs_expand_as_each_token_alone(use_backend, backend, isa, rank):
+    use_backend(backend, isa)
+    p = make_problem(8, 40, 83, rank, 4, 4, sigma_kind="none", dtype=torch.bfloat16, seed=30 + rank)
+    p.basis_of = torch.arange(4, dtype=torch.int32)
+    p.ids = torch.tensor([0, 0, 1, 1, 2, -1, 3, 3], dtype=torch.int32)  # pairs, a single, a skipped token
+    pairs = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=p.scale)
+    alone = torch.cat([lolakernels.multi_lora(p.x[t:t + 1], p.lora_a, p.lora_b, p.ids[t:t + 1], scale=p.scale)
+                       for t in range(8)])
+    assert torch.equal(pairs, alone)
+    _assert_bf16_close(pairs, formula_fp64(p))
+    assert torch.equal(pairs[5], torch.zeros(83, dtype=torch.bfloat16))
+
+
 def _assert_bf16_close(term, oracle):
     magnitude = float(oracle.abs().max()) if oracle.numel() else 1.0
     error = float((term.double() - oracle).abs().max()) if oracle.numel() else 0.0
