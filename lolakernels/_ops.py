@@ -181,17 +181,26 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
     )
 
 
-# A call plain_cpu_call vouched for goes straight to the CPU kernel, validate or not: the kernel
-# range-checks ids and every entry of basis_of and ranks before it writes anything (T = 0
-# included) and raises the same ValueError, and the torch aminmax checks cost ~50 µs a call right
-# after a cache-evicting GEMM, 2% of a decode-size bf16 layer.
+def run_plain_cpu(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
+                  ) -> Optional[Tensor]:
+    """Runs a call plain_cpu_call vouches for on the CPU kernel, validate or not, and returns out
+    (a new zeroed [T, d_out] term when out is None); None, having run nothing, for any other call.
+    The kernel range-checks ids and every entry of basis_of and ranks before it writes anything
+    (T = 0 included) and raises the same ValueError, and the torch aminmax checks cost ~50 µs a
+    call right after a cache-evicting GEMM, 2% of a decode-size bf16 layer."""
+    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    if args is None:
+        return None
+    if out is None:
+        out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype)
+    cpu.launch_shared_basis_lora(out, out_offset, args)
+    return out
+
 
 def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
                            validate):
     """Body of lolakernels::shared_basis_lora_: adds the term into out in place."""
-    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
-    if args is not None:
-        cpu.launch_shared_basis_lora(out, out_offset, args)
+    if run_plain_cpu(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks) is not None:
         return
     check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
     _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
@@ -199,14 +208,12 @@ def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis
 
 def run_shared_basis_lora(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
     """Body of lolakernels::shared_basis_lora: the term [T, d_out] in x's dtype."""
-    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, None, 0)
-    if args is None:
-        check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
+    term = run_plain_cpu(None, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
+    if term is not None:
+        return term
+    check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
     out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype, device=x.device)
-    if args is not None:
-        cpu.launch_shared_basis_lora(out, 0, args)
-    else:
-        _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
+    _launch(out, 0, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
     return out
 
 

@@ -67,6 +67,11 @@ def _isa_for(forced: str) -> int:
     return names[forced]
 
 
+# torch's thread count, which the kernel follows as torch's own CPU ops do; bound once, so the
+# per-layer call skips the lookup of torch.get_num_threads.
+_num_threads = torch.get_num_threads
+
+
 def shared_basis_lora_args(x: Tensor, lora_a: Tensor, lora_b: Tensor, sigma: Optional[Tensor], ids: Tensor,
                            basis_of: Tensor, scale: float, adapter_scale: Optional[Tensor],
                            ranks: Optional[Tensor]) -> tuple:
@@ -81,11 +86,6 @@ def shared_basis_lora_args(x: Tensor, lora_a: Tensor, lora_b: Tensor, sigma: Opt
             0 if adapter_scale is None else adapter_scale.data_ptr(), 0 if ranks is None else ranks.data_ptr(),
             x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
             _DTYPE_CODE[x.dtype], isa(), _num_threads())
-
-
-# torch's thread count, which the kernel follows as torch's own CPU ops do (an alias: one
-# attribute walk less a call).
-_num_threads = torch.get_num_threads
 
 
 def launch_shared_basis_lora(out: Tensor, out_offset: int, args: tuple) -> None:
@@ -108,7 +108,8 @@ def shared_basis_lora_(
 ) -> None:
     """In-place op of ``lolakernels.reference.shared_basis_lora_`` on validated CPU tensors."""
     launch_shared_basis_lora(out, out_offset,
-                             shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks))
+                             shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), adapter_scale,
+                                                    ranks))
 
 
 def _nf4_weight_args(weight: "Nf4Weight") -> tuple:

@@ -222,12 +222,6 @@ def row_of(cfg: Config, passes: list[dict], probe: StreamProbe) -> dict:
     return row
 
 
-def run_config(cfg: Config, adapters: _Adapters, probe: StreamProbe, with_peft: bool,
-               flush: Optional[CacheFlush] = None, samples: int = 15, twin: Optional[_Adapters] = None) -> dict:
-    """The row of one pass over a config."""
-    return row_of(cfg, [measure_config(cfg, adapters, probe, with_peft, flush, samples, twin)], probe)
-
-
 def _fmt(value, digits=1):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _ops, cpu  # _ops registers torch.ops.lolakernels.*
+from .. import _ops  # registers torch.ops.lolakernels.*
 
 _CPU = torch.device("cpu")
 # Dynamo folds a call of this function to True by the function's identity, so a module alias
@@ -122,12 +122,7 @@ def _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ra
                                         else 1, _CPU, implied_identity)
     except (AttributeError, TypeError, ValueError, IndexError):  # not tensors, wrong dims: the checks say which
         return None
-    args = _ops.plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, offset)
-    if args is None:
-        return None
-    term = out if out is not None else torch.zeros(x.shape[0], d_out, dtype=x.dtype)
-    cpu.launch_shared_basis_lora(term, offset, args)
-    return term
+    return _ops.run_plain_cpu(out, offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
 
 
 def _apply(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_slice, validate):
