@@ -26,7 +26,6 @@ from ._checks import (
     require_unit_inner_stride,
 )
 from . import cpu  # the wrapper only; the extension itself loads on first use
-from .cpu import CPU_DTYPES
 from .reference.shared_basis_lora import shared_basis_lora_backward
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -108,54 +107,6 @@ def check_shared_basis_values(
         require_in_range("ranks", ranks, 0, rank, f"[0, {rank}] (R = {rank})")
 
 
-def plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset
-                   ) -> Optional[tuple]:
-    """The kernel arguments (cpu.shared_basis_lora_args) of a call the cpu backend takes as it
-    is, with every check of check_shared_basis_args passing, else None: the per-layer call of CPU
-    inference, judged in one expression.
-
-    This is the whole per-call cost of the checks there: right after a cache-evicting GEMM the
-    thirty small functions of the full checks and the backend walk cost ~60 µs, about 2% of a
-    decode-size bf16 GEMM. None means only "not vouched for": the caller then runs the full
-    checks, which raise with the reason, or routes the call to the backend that takes it. So every
-    condition here is at least as strict as the check it stands for (tests/test_refusals.py sends
-    every refused input through this first)."""
-    try:
-        num_tokens, d_in = x.shape
-        num_clusters, rank, a_d_in = lora_a.shape
-        b_clusters, d_out, b_rank = lora_b.shape
-        (num_adapters,) = basis_of.shape
-        dtype = x.dtype
-        vouched = (
-            dtype in CPU_DTYPES and _env.read("LOLA_BACKEND") in ("", "cpu") and _cpu_built()
-            and x.is_cpu and x.stride(1) == 1
-            and a_d_in == d_in and b_clusters == num_clusters and b_rank == rank
-            and lora_a.dtype == dtype and lora_a.is_cpu and lora_a.is_contiguous()
-            and lora_b.dtype == dtype and lora_b.is_cpu and lora_b.is_contiguous()
-            and ids.shape == (num_tokens,) and ids.dtype == torch.int32 and ids.is_cpu and ids.is_contiguous()
-            and basis_of.dtype == torch.int32 and basis_of.is_cpu and basis_of.is_contiguous()
-            and (sigma is None or (
-                (sigma.shape == (num_adapters, rank) or sigma.shape == (num_adapters, rank, rank))
-                and sigma.dtype == dtype and sigma.is_cpu and sigma.is_contiguous()))
-            and (adapter_scale is None or (
-                adapter_scale.shape == (num_adapters,) and adapter_scale.dtype == torch.float32
-                and adapter_scale.is_cpu and adapter_scale.is_contiguous()))
-            and (ranks is None or (
-                ranks.shape == (num_adapters,) and ranks.dtype == torch.int32 and ranks.is_cpu
-                and ranks.is_contiguous()))
-            and type(scale) is float and math.isfinite(scale)
-            and (out is None or (
-                out.dim() == 2 and out.shape[0] == num_tokens and out.dtype == dtype and out.is_cpu
-                and out.stride(1) == 1 and 0 <= out_offset and out_offset + d_out <= out.shape[1]))
-        )
-        if not vouched:
-            return None
-        # A bad LOLA_CPU_ISA raises in here: the general path then raises it again, with its message.
-        return cpu.shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks)
-    except (AttributeError, TypeError, ValueError):  # not tensors, or the wrong number of dims
-        return None
-
-
 _CPU_LOADED = False
 
 
@@ -183,18 +134,26 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
 
 def run_plain_cpu(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
                   ) -> Optional[Tensor]:
-    """Runs a call plain_cpu_call vouches for on the CPU kernel, validate or not, and returns out
-    (a new zeroed [T, d_out] term when out is None); None, having run nothing, for any other call.
-    The kernel range-checks ids and every entry of basis_of and ranks before it writes anything
-    (T = 0 included) and raises the same ValueError, and the torch aminmax checks cost ~50 µs a
-    call right after a cache-evicting GEMM, 2% of a decode-size bf16 layer."""
-    args = plain_cpu_call(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
-    if args is None:
+    """The per-layer call of CPU inference, judged and run in one C++ call: out (a new zeroed
+    [T, d_out] term when out is None) once the CPU kernel ran, validate or not, or None, having run
+    nothing, for any call the kernel does not take as it is (cpu.run_vouched_shared_basis_lora).
+    None means only "not vouched for": the caller then runs the full checks, which raise with the
+    reason, or routes the call to the backend that takes it (tests/test_refusals.py sends every
+    refused input through this first). Right after a cache-evicting GEMM the thirty small
+    functions of the full checks and the backend walk cost ~60 µs, about 2% of a decode-size bf16
+    GEMM, and the torch aminmax checks of the ids ~50 µs more; the kernel range-checks ids and
+    every entry of basis_of and ranks before it writes anything (T = 0 included) and raises the
+    same ValueError."""
+    try:
+        if not (x.is_cpu and type(scale) is float and _env.read("LOLA_BACKEND") in ("", "cpu") and _cpu_built()):
+            return None
+        target = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype) if out is None else out
+    except (AttributeError, TypeError, IndexError):  # not tensors, or the wrong number of dims
         return None
-    if out is None:
-        out = torch.zeros(x.shape[0], lora_b.shape[1], dtype=x.dtype)
-    cpu.launch_shared_basis_lora(out, out_offset, args)
-    return out
+    if cpu.run_vouched_shared_basis_lora(target, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale,
+                                         adapter_scale, ranks):
+        return target
+    return None
 
 
 def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,

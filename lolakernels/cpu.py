@@ -5,9 +5,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _env
-from ._raw import address
+from ._raw import address, sigma_kind
 
 if TYPE_CHECKING:
     from .reference.nf4 import Nf4Weight
@@ -72,25 +73,28 @@ def _isa_for(forced: str) -> int:
 _num_threads = torch.get_num_threads
 
 
-def shared_basis_lora_args(x: Tensor, lora_a: Tensor, lora_b: Tensor, sigma: Optional[Tensor], ids: Tensor,
-                           basis_of: Tensor, scale: float, adapter_scale: Optional[Tensor],
-                           ranks: Optional[Tensor]) -> tuple:
-    """The arguments of the C++ entry after out's three (its pointer, row stride and column offset),
-    for validated CPU tensors: see launch_shared_basis_lora. (The optional pointers and the Σ kind
-    are _raw.address and _raw.sigma_kind written out: this runs once per layer of a model, where
-    each Python call costs 2-4 µs right after a cache-evicting GEMM.)"""
-    num_clusters, rank, d_in = lora_a.shape
-    return (x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
-            0 if sigma is None else sigma.data_ptr(), 0 if sigma is None else (1 if sigma.dim() == 2 else 2),
-            ids.data_ptr(), basis_of.data_ptr(), scale,
-            0 if adapter_scale is None else adapter_scale.data_ptr(), 0 if ranks is None else ranks.data_ptr(),
-            x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
-            _DTYPE_CODE[x.dtype], isa(), _num_threads())
+# What exporting an argument raises when it is not a tensor (TypeError), has no storage (sparse:
+# RuntimeError) or no data (meta: BufferError); and a bad LOLA_CPU_ISA (ValueError from isa()),
+# which the general path raises again with its message.
+_NOT_EXPORTED = (TypeError, RuntimeError, BufferError, ValueError)
 
 
-def launch_shared_basis_lora(out: Tensor, out_offset: int, args: tuple) -> None:
-    """Adds the term into out[:, out_offset : out_offset + d_out]; args from shared_basis_lora_args."""
-    (_LOADED or _module()).shared_basis_lora(out.data_ptr(), out.stride(0), out_offset, *args)
+def run_vouched_shared_basis_lora(out: Tensor, out_offset: int, x: Tensor, lora_a: Tensor, lora_b: Tensor,
+                                  sigma: Optional[Tensor], ids: Tensor, basis_of: Tensor, scale: float,
+                                  adapter_scale: Optional[Tensor], ranks: Optional[Tensor]) -> bool:
+    """Adds the term into out[:, out_offset : out_offset + d_out] and returns True if the kernel
+    takes every argument as it is (CPU, dtypes, shapes, contiguity: checked in C++ on the tensors'
+    DLPack descriptions), else returns False having run nothing. Value errors (ids, basis_of,
+    ranks) raise ValueError. Reading the seven tensors' descriptions through Python instead cost
+    ~35 µs more a call right after a cache-evicting GEMM, where this runs once per layer."""
+    try:
+        args = (_to_dlpack(out), out_offset, _to_dlpack(x), _to_dlpack(lora_a), _to_dlpack(lora_b),
+                None if sigma is None else _to_dlpack(sigma), _to_dlpack(ids), _to_dlpack(basis_of), scale,
+                None if adapter_scale is None else _to_dlpack(adapter_scale),
+                None if ranks is None else _to_dlpack(ranks), isa(), _num_threads())
+    except _NOT_EXPORTED:
+        return False
+    return (_LOADED or _module()).shared_basis_lora_from_capsules(*args)
 
 
 def shared_basis_lora_(
@@ -107,9 +111,12 @@ def shared_basis_lora_(
     ranks: Optional[Tensor],
 ) -> None:
     """In-place op of ``lolakernels.reference.shared_basis_lora_`` on validated CPU tensors."""
-    launch_shared_basis_lora(out, out_offset,
-                             shared_basis_lora_args(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), adapter_scale,
-                                                    ranks))
+    num_clusters, rank, d_in = lora_a.shape
+    _module().shared_basis_lora(
+        out.data_ptr(), out.stride(0), out_offset, x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
+        address(sigma), sigma_kind(sigma), ids.data_ptr(), basis_of.data_ptr(), float(scale), address(adapter_scale),
+        address(ranks), x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
+        _DTYPE_CODE[x.dtype], isa(), _num_threads())
 
 
 def _nf4_weight_args(weight: "Nf4Weight") -> tuple:

@@ -232,7 +232,7 @@ def test_memoized_backend_choice_follows_lolabackend(monkeypatch):
     assert _backends.select(fp32) == "cpu"
 
 
-def test_plain_cpu_call_skips_the_full_checks_and_matches_the_general_path(monkeypatch):
+def test_plain_cpu_run_skips_the_full_checks_and_matches_the_general_path(monkeypatch):
     """The per-layer CPU call runs without the full checks and the backend walk, with the same numbers."""
     from lolakernels import _backends, _ops
 
@@ -274,7 +274,7 @@ def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkey
                                                                 single.ids, scale=0.5, **kw),
     }
     with monkeypatch.context() as patched:
-        patched.setattr(_ops, "plain_cpu_call", lambda *args: None)
+        patched.setattr(lolakernels.cpu, "run_vouched_shared_basis_lora", lambda *args: False)
         general = {name: call() for name, call in calls.items()}
 
     def refuse(*args, **kwargs):
@@ -297,35 +297,49 @@ def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkey
 
 
 def _plain(p, **overrides):
+    """Whether run_plain_cpu takes the call; one it declines must leave out as it was."""
     from lolakernels import _ops
 
     args = dict(x=p.x, lora_a=p.lora_a, lora_b=p.lora_b, sigma=p.sigma, ids=p.ids, basis_of=p.basis_of, scale=1.0,
                 adapter_scale=None, ranks=None, out=None, out_offset=0)
     args.update(overrides)
-    return _ops.plain_cpu_call(**args)
+    before = args["out"].clone() if isinstance(args["out"], torch.Tensor) and args["out"].is_cpu else None
+    taken = _ops.run_plain_cpu(**args) is not None
+    if not taken and before is not None:
+        assert torch.equal(args["out"], before), "a declined call wrote out"
+    return taken
 
 
 @pytest.mark.parametrize("override", [
     dict(x=lambda p: p.x[:, :39]), dict(x=lambda p: p.x.t()), dict(x=lambda p: p.x[0]), dict(x=lambda p: [1.0]),
-    dict(x=lambda p: p.x.half()), dict(x=lambda p: p.x.double()),
+    dict(x=lambda p: p.x.half()), dict(x=lambda p: p.x.double()), dict(x=lambda p: p.x[None]),
+    dict(x=lambda p: p.x.to("meta")), dict(x=lambda p: torch.stack([p.x, p.x], -1)[..., 0]),
     dict(lora_a=lambda p: p.lora_a[:1]), dict(lora_a=lambda p: p.lora_a.transpose(1, 2).contiguous().transpose(1, 2)),
-    dict(lora_a=lambda p: p.lora_a.bfloat16()), dict(lora_b=lambda p: p.lora_b[:, :, :4].contiguous()),
+    dict(lora_a=lambda p: p.lora_a.bfloat16()), dict(lora_a=lambda p: p.lora_a.to("meta")),
+    dict(lora_a=lambda p: p.lora_a[:, :, :-1]), dict(lora_a=lambda p: p.lora_a.to_sparse()),
+    dict(lora_b=lambda p: p.lora_b[:, :, :4].contiguous()),
     dict(lora_b=lambda p: p.lora_b.transpose(0, 1).contiguous().transpose(0, 1)), dict(lora_b=lambda p: p.lora_b[0]),
+    dict(lora_b=lambda p: p.lora_b[:1]),
     dict(sigma=lambda p: p.sigma[:6]), dict(sigma=lambda p: p.sigma[:, :4]), dict(sigma=lambda p: p.sigma[None]),
     dict(sigma=lambda p: p.sigma.t().contiguous().t()), dict(sigma=lambda p: p.sigma.bfloat16()),
+    dict(sigma=lambda p: p.sigma[:, :, None].expand(7, 5, 4).contiguous()), dict(sigma=lambda p: [1.0]),
     dict(ids=lambda p: p.ids[:8]), dict(ids=lambda p: p.ids.long()), dict(ids=lambda p: p.ids[None]),
+    dict(ids=lambda p: p.ids.to("meta")), dict(ids=lambda p: torch.stack([p.ids, p.ids], 1)[:, 0]),
     dict(basis_of=lambda p: p.basis_of.float()), dict(basis_of=lambda p: p.basis_of[None]),
+    dict(basis_of=lambda p: p.basis_of.to(torch.uint32)),
     dict(adapter_scale=lambda p: torch.ones(6)), dict(adapter_scale=lambda p: torch.ones(7, dtype=torch.float64)),
+    dict(adapter_scale=lambda p: torch.ones(14)[::2]),
     dict(ranks=lambda p: torch.ones(7, dtype=torch.int64)), dict(ranks=lambda p: torch.ones(6, dtype=torch.int32)),
-    dict(scale=lambda p: float("nan")), dict(scale=lambda p: float("inf")),
+    dict(scale=lambda p: float("nan")), dict(scale=lambda p: float("inf")), dict(scale=lambda p: 1),
     dict(out=lambda p: torch.zeros(8, 40)), dict(out=lambda p: torch.zeros(9, 40, dtype=torch.bfloat16)),
     dict(out=lambda p: torch.zeros(40, 9).t()), dict(out=lambda p: torch.zeros(9, 40), out_offset=lambda p: 8),
     dict(out=lambda p: torch.zeros(9, 40), out_offset=lambda p: -1), dict(out=lambda p: torch.zeros(9)),
+    dict(out=lambda p: torch.zeros(9, 40, device="meta")), dict(out=lambda p: torch.zeros(9, 40, 2)[..., 0]),
 ], ids=lambda override: "-".join(override))
-def test_plain_cpu_call_declines_what_the_full_checks_refuse(override):
-    """Each of these fails a check of check_shared_basis_args, so the fast path must not vouch for it."""
+def test_plain_cpu_run_declines_what_the_full_checks_refuse(override):
+    """Each of these fails a check of check_shared_basis_args, so the fast path must not take it."""
     p = make_problem(9, 40, 33, 5, 7, 2, sigma_kind="diag", seed=4)
-    assert _plain(p)
+    assert _plain(p) and _plain(p, out=torch.zeros(9, 40), out_offset=7)
     assert not _plain(p, **{key: make(p) for key, make in override.items()})
 
 

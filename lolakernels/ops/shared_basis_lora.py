@@ -94,7 +94,7 @@ def _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ra
     then takes down the general path with its checks, errors, autograd and tracing.
 
     A call qualifies when nothing needs autograd, it is not being traced, out_slice (if any) is
-    an (int, int) pair of the term's width, and _ops.plain_cpu_call vouches for the rest.
+    an (int, int) pair of the term's width, and _ops.run_plain_cpu takes the rest.
     basis_of None means the implied one (zeros, or arange when implied_identity). Right after a
     cache-evicting GEMM each distinct Python step costs 2-15 µs (the interpreter's and torch's
     binding code come back from memory); the steps of the general path this one leaves out
