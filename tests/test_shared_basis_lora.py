@@ -1,4 +1,5 @@
 """shared_basis_lora / multi_lora on CPU backends vs the reference and an fp64 formula."""
+import importlib
 import os
 
 import pytest
@@ -255,6 +256,35 @@ def test_plain_cpu_run_skips_the_full_checks_and_matches_the_general_path(monkey
     monkeypatch.setenv("LOLA_BACKEND", "reference")
     with pytest.raises(AssertionError, match="full path"):
         lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+
+
+def test_weights_requiring_grad_take_the_plain_cpu_run_under_no_grad(monkeypatch):
+    """A PEFT model's trainable weights serving under no_grad / inference_mode: nothing needs
+    autograd, so the call goes straight to the kernel, with the numbers of the general path; with
+    grad mode on it takes the autograd path and gives a gradient."""
+    from lolakernels import _backends, _ops
+
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    p = make_problem(9, 40, 33, 5, 7, 2, sigma_kind="full", seed=8)
+    general = lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
+    lora_a, lora_b = p.lora_a.clone().requires_grad_(), p.lora_b.clone().requires_grad_()
+    sigma = p.sigma.clone().requires_grad_()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plain CPU call went through the full path")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_ops, "check_shared_basis_args", refuse)
+        patched.setattr(_backends, "select", refuse)
+        patched.setattr(importlib.import_module("lolakernels.ops.shared_basis_lora"), "_apply", refuse)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                term = lolakernels.shared_basis_lora(p.x, lora_a, lora_b, sigma, p.ids, basis_of=p.basis_of)
+            assert torch.equal(term, general) and not term.requires_grad
+    term = lolakernels.shared_basis_lora(p.x, lora_a, lora_b, sigma, p.ids, basis_of=p.basis_of)
+    assert term.requires_grad
+    term.sum().backward()
+    assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0
 
 
 def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkeypatch):

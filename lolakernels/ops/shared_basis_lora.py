@@ -22,6 +22,7 @@ _CPU = torch.device("cpu")
 # Dynamo folds a call of this function to True by the function's identity, so a module alias
 # traces as torch.compiler.is_compiling does and saves the attribute walk in eager calls.
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 OutSlice = Optional[Sequence[int]]
 
@@ -93,8 +94,10 @@ def _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ra
     out is None) once the kernel ran, or None for any call that is not one, which the caller
     then takes down the general path with its checks, errors, autograd and tracing.
 
-    A call qualifies when nothing needs autograd, it is not being traced, out_slice (if any) is
-    an (int, int) pair of the term's width, and _ops.run_plain_cpu takes the rest.
+    A call qualifies when nothing needs autograd (grad mode off, as when a PEFT model with
+    trainable weights serves under no_grad or inference_mode, or no tensor requires grad), it is
+    not being traced, out_slice (if any) is an (int, int) pair of the term's width, and
+    _ops.run_plain_cpu takes the rest.
     basis_of None means the implied one (zeros, or arange when implied_identity). Right after a
     cache-evicting GEMM each distinct Python step costs 2-15 µs (the interpreter's and torch's
     binding code come back from memory); the steps of the general path this one leaves out
@@ -103,8 +106,8 @@ def _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ra
     try:
         if not x.is_cpu:  # a GPU call pays for no more than this
             return None
-        if x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (
-                sigma is not None and sigma.requires_grad):
+        if _grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (
+                sigma is not None and sigma.requires_grad)):
             return None
         d_out = lora_b.shape[1]
         if out_slice is None:
