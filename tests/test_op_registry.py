@@ -33,6 +33,26 @@ def test_opcheck_inplace(use_backend, backend, isa):
                           test_utils=OPCHECK_TESTS)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+def test_inplace_op_through_the_dispatcher_bumps_out_version(mode):
+    """A compiled model calls the in-place op through the dispatcher, whose ADInplaceOrView kernel
+    (_ops._bump_version_of_first_argument) must still bump out's version: then autograd refuses
+    a tensor it saved and the op changed, instead of computing a gradient from the changed
+    values. The term is the one the op adds to a tensor autograd does not track."""
+    p = make_problem(9, 20, 14, 5, 4, 2, sigma_kind="full", seed=3)
+    leaf = torch.randn(9, 30, requires_grad=True)
+    saved = leaf.exp()  # exp saves its result for backward
+    before, version = saved.detach().clone(), saved._version
+    with mode():
+        torch.ops.lolakernels.shared_basis_lora_.default(saved, 7, *_op_args(p))
+    assert saved._version > version
+    expected = before.clone()
+    torch.ops.lolakernels.shared_basis_lora_.default(expected, 7, *_op_args(p))
+    assert not torch.equal(expected, before) and torch.equal(saved.detach(), expected)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
 class FusedQkvLora(torch.nn.Module):
     """What a serving layer does: base GEMM, then three LoRA slices added in place."""
 
