@@ -101,8 +101,8 @@ def _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ra
     basis_of None means the implied one (zeros, or arange when implied_identity). Right after a
     cache-evicting GEMM each distinct Python step costs 2-15 µs (the interpreter's and torch's
     binding code come back from memory); the steps of the general path this one leaves out
-    (index conversions, x.device, grad mode, the backend lookup) took 10-20 µs of the 85-145 µs
-    Python side of a call in A/B runs, next to a bf16 4096 × 4096 decode GEMM of ~2.8 ms."""
+    (index conversions, x.device, the backend lookup) took 10-20 µs a call in A/B runs, next to a
+    bf16 4096 × 4096 decode GEMM of ~2.8 ms."""
     try:
         if not x.is_cpu:  # a GPU call pays for no more than this
             return None
