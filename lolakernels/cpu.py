@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.utils.dlpack import to_dlpack as _to_dlpack
 
 from . import _env
-from ._raw import address, sigma_kind
+from ._raw import address
 
 if TYPE_CHECKING:
     from .reference.nf4 import Nf4Weight
@@ -110,13 +110,16 @@ def shared_basis_lora_(
     adapter_scale: Optional[Tensor],
     ranks: Optional[Tensor],
 ) -> None:
-    """In-place op of ``lolakernels.reference.shared_basis_lora_`` on validated CPU tensors."""
-    num_clusters, rank, d_in = lora_a.shape
-    _module().shared_basis_lora(
-        out.data_ptr(), out.stride(0), out_offset, x.data_ptr(), x.stride(0), lora_a.data_ptr(), lora_b.data_ptr(),
-        address(sigma), sigma_kind(sigma), ids.data_ptr(), basis_of.data_ptr(), float(scale), address(adapter_scale),
-        address(ranks), x.shape[0], d_in, lora_b.shape[1], rank, basis_of.shape[0], num_clusters,
-        _DTYPE_CODE[x.dtype], isa(), _num_threads())
+    """In-place op of ``lolakernels.reference.shared_basis_lora_`` on CPU tensors that passed
+    ``_ops.check_shared_basis_args``: the same C++ entry point as the per-layer call, which takes
+    every call those checks let through (an int scale is passed on as a float)."""
+    isa()  # a bad LOLA_CPU_ISA raises here with its reason; the entry point would only decline
+    if not run_vouched_shared_basis_lora(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, float(scale),
+                                         adapter_scale, ranks):
+        raise RuntimeError(
+            "lolakernels._C declined a call that passed the argument checks (a bug: please report the "
+            f"shapes, dtypes and strides); x {tuple(x.shape)} {x.dtype} strides {x.stride()}, "
+            f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}, out strides {out.stride()}")
 
 
 def _nf4_weight_args(weight: "Nf4Weight") -> tuple:

@@ -304,7 +304,7 @@ def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkey
                                                                 single.ids, scale=0.5, **kw),
     }
     with monkeypatch.context() as patched:
-        patched.setattr(lolakernels.cpu, "run_vouched_shared_basis_lora", lambda *args: False)
+        patched.setattr(_ops, "run_plain_cpu", lambda *args: None)
         general = {name: call() for name, call in calls.items()}
 
     def refuse(*args, **kwargs):
@@ -324,6 +324,20 @@ def test_eager_cpu_call_of_multi_lora_and_one_basis_skips_the_full_checks(monkey
     assert torch.equal(converted, general["multi_lora"])
     assert torch.equal(lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=1),
                        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=1.0))
+
+
+def test_general_cpu_path_raises_rather_than_skip_a_call_the_kernel_declines(monkeypatch):
+    """The general path's CPU backend runs the same C++ entry point as the per-layer call. Should
+    that entry point ever decline arguments the checks passed, the call raises; it never returns
+    out unchanged as if the term were zero."""
+    from lolakernels import _ops
+
+    p = make_problem(5, 12, 10, 4, 3, 2, sigma_kind="diag", seed=11)
+    monkeypatch.delenv("LOLA_BACKEND", raising=False)
+    monkeypatch.setattr(_ops, "run_plain_cpu", lambda *args: None)
+    monkeypatch.setattr(lolakernels.cpu, "run_vouched_shared_basis_lora", lambda *args: False)
+    with pytest.raises(RuntimeError, match="declined a call that passed the argument checks"):
+        lolakernels.shared_basis_lora(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, basis_of=p.basis_of)
 
 
 def _plain(p, **overrides):

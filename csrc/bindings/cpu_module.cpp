@@ -33,25 +33,6 @@ void run_shared_basis_lora(const lola::cpu::LoraProblem& problem, Isa isa, int n
   if (!error.empty()) throw std::invalid_argument(error);
 }
 
-void shared_basis_lora(std::uintptr_t out, int64_t out_row_stride, int64_t out_offset, std::uintptr_t x,
-                       int64_t x_row_stride, std::uintptr_t lora_a, std::uintptr_t lora_b, std::uintptr_t sigma,
-                       int sigma_kind, std::uintptr_t ids, std::uintptr_t basis_of, float scale,
-                       std::uintptr_t adapter_scale, std::uintptr_t ranks, int64_t num_tokens, int64_t d_in,
-                       int64_t d_out, int64_t rank, int64_t num_adapters, int64_t num_clusters, int dtype,
-                       int isa, int num_threads) {
-  if (!lola::cpu::isa_supported(static_cast<Isa>(isa)))
-    throw std::invalid_argument("isa " + lola::cpu::isa_name(static_cast<Isa>(isa)) + " is not supported by this CPU");
-  lola::cpu::LoraProblem problem{as_pointer<void>(out), out_row_stride, out_offset,
-                                 as_pointer<const void>(x), x_row_stride,
-                                 as_pointer<const void>(lora_a), as_pointer<const void>(lora_b),
-                                 as_pointer<const void>(sigma), static_cast<SigmaKind>(sigma_kind),
-                                 as_pointer<const int32_t>(ids), as_pointer<const int32_t>(basis_of), scale,
-                                 as_pointer<const float>(adapter_scale), as_pointer<const int32_t>(ranks),
-                                 num_tokens, d_in, d_out, rank, num_adapters, num_clusters,
-                                 static_cast<DType>(dtype)};
-  run_shared_basis_lora(problem, static_cast<Isa>(isa), num_threads);
-}
-
 // The per-layer CPU call, from DLPack capsules of its tensors (None for an absent optional one):
 // runs it and returns true when every tensor is one the kernel takes as it is, else returns
 // false having run nothing. Each condition is at least as strict as the Python check it stands
@@ -204,7 +185,6 @@ py::dict cpu_features() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lolakernels CPU kernels (raw pointers; see lolakernels/cpu.py)";
-  m.def("shared_basis_lora", &shared_basis_lora);
   m.def("shared_basis_lora_from_capsules", &shared_basis_lora_from_capsules);
   m.def("nf4_dequantize", &nf4_dequantize);
   m.def("nf4_lora_linear", &nf4_lora_linear);
