@@ -1,4 +1,4 @@
-"""Thin wrapper over the pybind11 CPU module ``lolakernels._C`` (raw pointers, no torch ABI)."""
+"""Thin wrapper over the pybind11 CPU module ``lolakernels._C`` (DLPack capsules and raw pointers, no torch ABI)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional

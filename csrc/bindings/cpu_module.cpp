@@ -1,4 +1,4 @@
-// pybind11 module lolakernels._C: the CPU kernels on raw pointers (no torch headers, so the
+// pybind11 module lolakernels._C: the CPU kernels on DLPack capsules and raw pointers (no torch headers, so the
 // extension loads under any PyTorch). Torch integration lives in lolakernels/_ops.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -184,7 +184,7 @@ py::dict cpu_features() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "lolakernels CPU kernels (raw pointers; see lolakernels/cpu.py)";
+  m.doc() = "lolakernels CPU kernels (DLPack capsules and raw pointers; see lolakernels/cpu.py)";
   m.def("shared_basis_lora_from_capsules", &shared_basis_lora_from_capsules);
   m.def("nf4_dequantize", &nf4_dequantize);
   m.def("nf4_lora_linear", &nf4_lora_linear);
