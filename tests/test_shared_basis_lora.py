@@ -178,6 +178,33 @@ def test_bf16_token_pairs_expand_as_each_token_alone(use_backend, backend, isa, 
     assert torch.equal(pairs[5], torch.zeros(83, dtype=torch.bfloat16))
 
 
+# Sums that are fp32 denormals must round to the bf16 denormal, as torch rounds them (VCVTNEPS2BF16,
+# which the AVX512-BF16 kernels narrow with, flushes them to zero). Every other column holds normal
+# values in the same vectors, and each expand path is taken: panels (a group of 20 tokens), rows
+# (groups of at most 8 tokens), and token pairs sharing a VDPBF16PS (rank <= 16).
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("tokens,rank,clusters", [(20, 40, 1), (12, 40, 3), (8, 12, 4)],
+                         ids=["panels", "rows", "token_pairs"])
+def test_bf16_denormal_sums_are_kept_not_flushed(use_backend, backend, isa, tokens, rank, clusters):
+    use_backend(backend, isa)
+    d_out = 50
+    p = make_problem(tokens, 24, d_out, rank, clusters, clusters, sigma_kind="none", dtype=torch.bfloat16,
+                     seed=40 + rank)
+    p.basis_of = torch.arange(clusters, dtype=torch.int32)
+    p.ids = torch.arange(tokens, dtype=torch.int32) // 2 % clusters  # pairs of tokens on one adapter
+    tiny_cols = torch.arange(d_out) % 3 == 0
+    p.lora_b[:, tiny_cols, :] = 0  # these columns' LoRA sums are exactly zero
+    generator = torch.Generator().manual_seed(rank)
+    out = torch.randn(tokens, d_out, generator=generator).to(torch.bfloat16)
+    denormals = torch.tensor([1e-39, -3e-39, 2e-40, 9e-41], dtype=torch.bfloat16)
+    assert (denormals != 0).all() and (denormals.float().abs() < torch.finfo(torch.float32).tiny).all()
+    out[:, tiny_cols] = denormals[torch.arange(int(tiny_cols.sum())) % 4]
+    before = out.clone()
+    lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=p.scale, out=out)
+    assert torch.equal(out[:, tiny_cols], before[:, tiny_cols])
+    _assert_bf16_close(out[:, ~tiny_cols] - before[:, ~tiny_cols], formula_fp64(p)[:, ~tiny_cols])
+
+
 def _assert_bf16_close(term, oracle):
     magnitude = float(oracle.abs().max()) if oracle.numel() else 1.0
     error = float((term.double() - oracle).abs().max()) if oracle.numel() else 0.0

@@ -16,7 +16,10 @@ Isa best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
+    // The VDPBF16PS kernels also narrow with VCVTNEPS2BF16 and test for denormals with VFPCLASSPS
+    // (AVX512DQ, which every CPU with AVX512-BF16 has).
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512dq") ? Isa::Avx512Bf16
+                                                                                    : Isa::Avx512;
   }
   return Isa::Scalar;
 }
