@@ -416,10 +416,10 @@ __attribute__((target("avx512bf16"))) void expand_rows_bf16_two_tokens(const voi
     }
     __m512 halves[2];
     sum_lane_halves_of_16(acc, halves);
-    add_sums_to_row<OutRow::Bf16Native>(static_cast<char*>(out_rows[0]) + j0 * 2, _mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
-                          cols);
-    add_sums_to_row<OutRow::Bf16Native>(static_cast<char*>(out_rows[1]) + j0 * 2, _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd),
-                          cols);
+    add_sums_to_row<OutRow::Bf16Native>(static_cast<char*>(out_rows[0]) + j0 * 2,
+                                        _mm512_shuffle_f32x4(halves[0], halves[1], 0x88), cols);
+    add_sums_to_row<OutRow::Bf16Native>(static_cast<char*>(out_rows[1]) + j0 * 2,
+                                        _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd), cols);
   }
 }
 
