@@ -48,10 +48,12 @@ inline bool takes_packed_shrink(const Group& group) { return group.end - group.b
 
 // The dot-product shrink of one small group over ranks [rank_begin, rank_end): all of the
 // group's tokens, so that each rank range of lora_a[cluster] is read from memory by one item.
+// Thread `part` runs the items of its part.
 struct ShrinkItem {
   int32_t group;
   int32_t rank_begin;
   int32_t rank_end;
+  int32_t part;
 };
 
 struct ExpandItem {
@@ -136,6 +138,39 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
     }
   }
   std::fill(g + true_rank, g + rank, 0.0f);
+}
+
+// Splits the dot-product shrink of the small groups (those not taking the packed shrink) into one
+// contiguous run of lora_a rows per thread, in address order (groups are in cluster order), each
+// costing about the same: a row of lora_a costs one read of d_in elements plus one dot product
+// per token, weighed as kShrinkTokens + tokens. Runs are cut at any row, not at whole groups or
+// rank tiles: with 5-8 groups of 1-7 tokens (T = 16 spread over 8 clusters) on 2 threads, whole
+// groups left one thread reading 20-40% more of lora_a than the other.
+std::vector<ShrinkItem> split_small_shrink(const std::vector<Group>& groups, int64_t rank, int num_threads) {
+  int64_t total = 0;
+  for (const Group& group : groups)
+    if (!takes_packed_shrink(group)) total += rank * (kShrinkTokens + group.end - group.begin);
+  std::vector<ShrinkItem> items;
+  if (total == 0) return items;
+  const int64_t parts = std::max(1, num_threads);
+  // Row k of a group starting at weight `base` (row weight w) belongs to the part whose range
+  // [total * part / parts, total * (part + 1) / parts) holds base + k * w.
+  const auto first_row_at = [](int64_t bound, int64_t base, int64_t w, int64_t rows) {
+    return std::clamp<int64_t>(bound <= base ? 0 : (bound - base + w - 1) / w, 0, rows);
+  };
+  for (int64_t part = 0; part < parts; ++part) {
+    const int64_t lower = total * part / parts, upper = total * (part + 1) / parts;
+    int64_t base = 0;
+    for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
+      if (takes_packed_shrink(groups[gi])) continue;
+      const int64_t w = kShrinkTokens + groups[gi].end - groups[gi].begin;
+      const int64_t begin = first_row_at(lower, base, w, rank), end = first_row_at(upper, base, w, rank);
+      if (begin < end)
+        items.push_back({gi, static_cast<int32_t>(begin), static_cast<int32_t>(end), static_cast<int32_t>(part)});
+      base += rank * w;
+    }
+  }
+  return items;
 }
 
 // The expand panel of lora_b[cluster, col_begin : col_begin + 32, :] in the kernels' layout (see
@@ -274,44 +309,33 @@ std::string shared_basis_lora(const LoraProblem& p, Isa isa, int num_threads) {
   // Shrink of the other groups (fewer than kPackedShrinkMinTokens tokens each, so their x rows
   // of one d_in chunk fit in L2). An item walks d_in in chunks; in each chunk every rank tile of
   // lora_a (kShrinkRanks rows, kept in L1) passes over all of the group's token tiles, so lora_a
-  // is read from memory once however many tokens the group has. With fewer groups than two per
-  // thread (prefill with one cluster, decode) each group's rank tiles are split evenly across
-  // items, so every thread reads a disjoint part of lora_a.
-  std::vector<ShrinkItem> shrink_items;
+  // is read from memory once however many tokens the group has.
   if (rank > 0 && p.d_in > 0) {
-    int64_t small_groups = 0;
-    for (const Group& group : groups) small_groups += takes_packed_shrink(group) ? 0 : 1;
-    const int64_t rank_tiles = (rank + kShrinkRanks - 1) / kShrinkRanks;
-    const int64_t parts = small_groups == 0 ? 1
-        : std::clamp<int64_t>((2 * num_threads + small_groups - 1) / small_groups, 1, rank_tiles);
-    for (int32_t gi = 0; gi < static_cast<int32_t>(groups.size()); ++gi) {
-      if (takes_packed_shrink(groups[gi])) continue;
-      for (int64_t part = 0; part < parts; ++part) {
-        const int64_t first = rank_tiles * part / parts * kShrinkRanks;
-        const int64_t last = std::min(rank, rank_tiles * (part + 1) / parts * kShrinkRanks);
-        if (first < last) shrink_items.push_back({gi, static_cast<int32_t>(first), static_cast<int32_t>(last)});
-      }
-    }
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t w = 0; w < static_cast<int64_t>(shrink_items.size()); ++w) {
-    const ShrinkItem item = shrink_items[w];
-    const Group& group = groups[item.group];
-    const int64_t tokens = group.end - group.begin;
-    // A group of one token tile is bound by reading lora_a: each rank tile's rows are then read
-    // whole, in long runs the prefetchers follow, rather than in 1024-element pieces.
-    const int64_t chunk_size = tokens <= kShrinkTokens ? p.d_in : kShrinkChunk;
-    for (int64_t chunk = 0; chunk < p.d_in; chunk += chunk_size) {
-      const int64_t length = std::min(chunk_size, p.d_in - chunk);
-      const void* x_rows[kPackedShrinkMinTokens];
-      for (int64_t i = 0; i < tokens; ++i)
-        x_rows[i] = x_bytes + (order[group.begin + i] * p.x_row_stride + chunk) * element_size;
-      for (int64_t k = item.rank_begin; k < item.rank_end; k += kShrinkRanks) {
-        const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, item.rank_end - k));
-        const void* a_rows = a_bytes + ((group.cluster * rank + k) * p.d_in + chunk) * element_size;
-        for (int64_t i = 0; i < tokens; i += kShrinkTokens) {
-          const int tile = static_cast<int>(std::min<int64_t>(kShrinkTokens, tokens - i));
-          kernels.shrink(x_rows + i, a_rows, p.d_in, length, tile, ranks, h.data() + (group.begin + i) * rank + k, rank);
+    const std::vector<ShrinkItem> shrink_items = split_small_shrink(groups, rank, num_threads);
+    const int64_t parts = shrink_items.empty() ? 0 : shrink_items.back().part + 1;
+#pragma omp parallel num_threads(static_cast<int>(std::max<int64_t>(parts, 1))) if (parts > 1)
+    for (int64_t part = omp_get_thread_num(); part < parts; part += omp_get_num_threads()) {
+      for (const ShrinkItem& item : shrink_items) {
+        if (item.part != part) continue;
+        const Group& group = groups[item.group];
+        const int64_t tokens = group.end - group.begin;
+        // A group of one token tile is bound by reading lora_a: each rank tile's rows are then
+        // read whole, in long runs the prefetchers follow, rather than in 1024-element pieces.
+        const int64_t chunk_size = tokens <= kShrinkTokens ? p.d_in : kShrinkChunk;
+        for (int64_t chunk = 0; chunk < p.d_in; chunk += chunk_size) {
+          const int64_t length = std::min(chunk_size, p.d_in - chunk);
+          const void* x_rows[kPackedShrinkMinTokens];
+          for (int64_t i = 0; i < tokens; ++i)
+            x_rows[i] = x_bytes + (order[group.begin + i] * p.x_row_stride + chunk) * element_size;
+          for (int64_t k = item.rank_begin; k < item.rank_end; k += kShrinkRanks) {
+            const int ranks = static_cast<int>(std::min<int64_t>(kShrinkRanks, item.rank_end - k));
+            const void* a_rows = a_bytes + ((group.cluster * rank + k) * p.d_in + chunk) * element_size;
+            for (int64_t i = 0; i < tokens; i += kShrinkTokens) {
+              const int tile = static_cast<int>(std::min<int64_t>(kShrinkTokens, tokens - i));
+              kernels.shrink(x_rows + i, a_rows, p.d_in, length, tile, ranks,
+                             h.data() + (group.begin + i) * rank + k, rank);
+            }
+          }
         }
       }
     }
