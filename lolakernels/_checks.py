@@ -48,6 +48,20 @@ def require_contiguous(name: str, tensor: Optional[Tensor]) -> None:
         raise ValueError(f"{name} must be contiguous (got strides {tuple(tensor.stride())}); call .contiguous() once and keep it")
 
 
+def require_not_negated(name: str, tensor: Optional[Tensor]) -> None:
+    """For tensors an op writes: a lazily negated view (``is_neg()``, e.g. ``z.conj().imag``) has no
+    storage holding its values, so it cannot be written through a pointer."""
+    if tensor is not None and tensor.is_neg():
+        raise ValueError(f"{name} is a lazily negated view (is_neg() is True); write into a tensor that holds its "
+                         "values, e.g. one from .resolve_neg()")
+
+
+def resolve_negated(*tensors: Optional[Tensor]) -> tuple:
+    """The tensors with any lazy negation applied (``resolve_neg``: a copy only where the bit is set),
+    because the kernels read storage through pointers and DLPack, which carry no negative bit."""
+    return tuple(None if t is None else t.resolve_neg() for t in tensors)
+
+
 def require_unit_inner_stride(name: str, tensor: Tensor) -> None:
     if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride in its last dimension (got strides {tuple(tensor.stride())})")

@@ -22,9 +22,11 @@ from ._checks import (
     require_dims,
     require_dtype,
     require_in_range,
+    require_not_negated,
     require_same_device,
     require_size,
     require_unit_inner_stride,
+    resolve_negated,
 )
 from . import cpu  # the wrapper only; the extension itself loads on first use
 from .reference.shared_basis_lora import shared_basis_lora_backward
@@ -90,6 +92,7 @@ def check_shared_basis_args(
         require_dims("out", out, 2, "[T, d_out_total]")
         require_size("out", out, 0, num_tokens, "the number of tokens T (x.shape[0])")
         require_unit_inner_stride("out", out)
+        require_not_negated("out", out)
         d_out = lora_b.shape[1]
         if out_offset < 0 or out_offset + d_out > out.shape[1]:
             raise ValueError(
@@ -127,6 +130,8 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
     if x.shape[0] == 0 or lora_b.shape[1] == 0:
         return
+    x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks = resolve_negated(
+        x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks)
     backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
@@ -347,6 +352,8 @@ def run_nf4_lora_linear(x, weight, compute_dtype, x_lora, lora_a, lora_b, scale,
     """Body of lolakernels::nf4_lora_linear on 2-D, checked arguments."""
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[0])
+    x, x_lora, lora_a, lora_b, bias, magnitude, weight_norm = resolve_negated(
+        x, x_lora, lora_a, lora_b, bias, magnitude, weight_norm)
     backend = nf4_backend(weight, "nf4_lora_linear", compute_dtype, x.shape[0], x.dtype,
                           None if lora_a is None else lora_a.dtype)
     return backend.nf4_lora_linear(x, weight, compute_dtype, x_lora, lora_a, lora_b, scale, bias, magnitude,

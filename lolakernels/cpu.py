@@ -73,10 +73,10 @@ def _isa_for(forced: str) -> int:
 _num_threads = torch.get_num_threads
 
 
-# What exporting an argument raises when it is not a tensor (TypeError), has no storage (sparse:
-# RuntimeError) or no data (meta: BufferError); and a bad LOLA_CPU_ISA (ValueError from isa()),
-# which the general path raises again with its message.
-_NOT_EXPORTED = (TypeError, RuntimeError, BufferError, ValueError)
+# What reading an argument raises when it is not a tensor (AttributeError from is_neg, TypeError
+# from the export), has no storage (sparse: RuntimeError) or no data (meta: BufferError); and a bad
+# LOLA_CPU_ISA (ValueError from isa()), which the general path raises again with its message.
+_NOT_EXPORTED = (AttributeError, TypeError, RuntimeError, BufferError, ValueError)
 
 
 def run_vouched_shared_basis_lora(out: Tensor, out_offset: int, x: Tensor, lora_a: Tensor, lora_b: Tensor,
@@ -86,8 +86,14 @@ def run_vouched_shared_basis_lora(out: Tensor, out_offset: int, x: Tensor, lora_
     takes every argument as it is (CPU, dtypes, shapes, contiguity: checked in C++ on the tensors'
     DLPack descriptions), else returns False having run nothing. Value errors (ids, basis_of,
     ranks) raise ValueError. Reading the seven tensors' descriptions through Python instead cost
-    ~35 µs more a call right after a cache-evicting GEMM, where this runs once per layer."""
+    ~35 µs more a call right after a cache-evicting GEMM, where this runs once per layer. A lazily
+    negated view (is_neg(), which DLPack does not carry) is left to the general path, which
+    resolves it (or refuses it as out)."""
     try:
+        if (x.is_neg() or out.is_neg() or lora_a.is_neg() or lora_b.is_neg() or ids.is_neg() or basis_of.is_neg()
+                or (sigma is not None and sigma.is_neg()) or (adapter_scale is not None and adapter_scale.is_neg())
+                or (ranks is not None and ranks.is_neg())):
+            return False
         args = (_to_dlpack(out), out_offset, _to_dlpack(x), _to_dlpack(lora_a), _to_dlpack(lora_b),
                 None if sigma is None else _to_dlpack(sigma), _to_dlpack(ids), _to_dlpack(basis_of), scale,
                 None if adapter_scale is None else _to_dlpack(adapter_scale),

@@ -121,3 +121,26 @@ def test_empty_batch_forward_and_backward():
     assert y.shape == (0, 24)
     y.sum().backward()
     assert x.grad.shape == (0, 64) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=[isa or backend for backend, isa in CPU_BACKENDS])
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_negated_views_are_read_as_their_values(use_backend, backend, isa, tokens, dora):
+    """Raw pointers carry no negative bit: lazily negated inputs are resolved, not read as storage."""
+    use_backend(backend, isa)
+    _, (packed, state), x, lora_a, lora_b, bias, magnitude = _case(m=tokens)
+    tensors = dict(x=x, lora_a=lora_a, lora_b=lora_b, bias=bias, magnitude=magnitude if dora else None)
+
+    def run(**args):
+        return lolakernels.nf4_lora_linear(args["x"], packed, state, args["lora_a"], args["lora_b"], 0.5,
+                                           bias=args["bias"], magnitude=args["magnitude"])
+
+    with torch.no_grad():
+        expected = run(**tensors)
+        for name, tensor in tensors.items():
+            if tensor is None:
+                continue
+            view = torch._neg_view(-tensor)
+            assert view.is_neg() and torch.equal(view, tensor)
+            torch.testing.assert_close(run(**{**tensors, name: view}), expected, rtol=0, atol=0, msg=name)

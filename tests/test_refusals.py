@@ -160,6 +160,43 @@ def test_non_contiguous_weights_refused_and_strided_rows_accepted(p):
     assert torch.equal(call(p, x=view), call(p, x=view.contiguous()))
 
 
+def negated_view(tensor):
+    """A contiguous view showing tensor's values whose storage holds their negation. (The public
+    route, z.conj().imag, has an inner stride of 2, which the contiguity checks refuse.)"""
+    view = torch._neg_view(-tensor)
+    assert view.is_neg() and view.is_contiguous() and torch.equal(view, tensor)
+    return view
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("argument", ["x", "lora_a", "lora_b", "sigma", "ids", "basis_of"])
+def test_negated_views_are_read_as_their_values(p, monkeypatch, backend, argument):
+    """DLPack and raw pointers carry no negative bit: a lazily negated view is resolved first,
+    never read as its storage."""
+    monkeypatch.setenv("LOLA_BACKEND", backend)
+    expected = call(p)
+    assert torch.equal(call(p, **{argument: negated_view(getattr(p, argument))}), expected)
+    out = torch.ones(6, 12)
+    call(p, **{argument: negated_view(getattr(p, argument))}, out=out, validate=False)
+    assert torch.equal(out, expected + 1)
+
+
+def test_negated_views_of_multi_lora_scales_and_ranks():
+    p = make_problem(4, 8, 6, 3, 3, 3, sigma_kind="none")
+    ids = torch.tensor([0, 1, 2, -1], dtype=torch.int32)
+    scale, ranks = torch.tensor([0.5, -2.0, 1.5]), torch.tensor([1, 3, 2], dtype=torch.int32)
+    expected = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, ids, scale=scale, ranks=ranks)
+    got = lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, ids, scale=negated_view(scale), ranks=negated_view(ranks))
+    assert torch.equal(got, expected)
+
+
+def test_negated_out_is_refused(p):
+    out = negated_view(torch.zeros(6, 12))
+    with pytest.raises(ValueError, match="out is a lazily negated view"):
+        call(p, out=out)
+    assert torch.equal(out, torch.zeros(6, 12))
+
+
 def test_devices_must_match(p):
     meta_a = p.lora_a.to("meta")
     with pytest.raises(ValueError, match="lora_a is on meta but x is on cpu"):
