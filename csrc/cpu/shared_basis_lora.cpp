@@ -145,7 +145,7 @@ void apply_sigma(const LoraProblem& p, const MicroKernels& kernels, int64_t adap
 // costing about the same: a row of lora_a costs one read of d_in elements plus one dot product
 // per token, weighed as kShrinkTokens + tokens. Runs are cut at any row, not at whole groups or
 // rank tiles: with 5-8 groups of 1-7 tokens (T = 16 spread over 8 clusters) on 2 threads, whole
-// groups left one thread reading 20-40% more of lora_a than the other.
+// groups left one thread reading a third to a half more of lora_a than the other.
 std::vector<ShrinkItem> split_small_shrink(const std::vector<Group>& groups, int64_t rank, int num_threads) {
   int64_t total = 0;
   for (const Group& group : groups)
