@@ -1,6 +1,8 @@
 """The nf4 ops are torch custom ops: opcheck (schema, fake tensor, autograd registration),
 torch.compile(fullgraph=True) without graph breaks, and gradients against fp64 autograd of the
 reference formula."""
+import copy
+
 import pytest
 import torch
 
@@ -144,3 +146,29 @@ def test_negated_views_are_read_as_their_values(use_backend, backend, isa, token
             view = torch._neg_view(-tensor)
             assert view.is_neg() and torch.equal(view, tensor)
             torch.testing.assert_close(run(**{**tensors, name: view}), expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=[isa or backend for backend, isa in CPU_BACKENDS])
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quant"])
+def test_negated_quant_state_is_read_as_its_values(use_backend, backend, isa, nested):
+    """The packed weight and the QuantState's tensors go to the kernels as raw pointers too."""
+    use_backend(backend, isa)
+    _, (packed, state), *_ = _case(nested=nested)
+    expected = lolakernels.nf4_dequantize(packed, state)
+    fields = [(state, "absmax")] + ([(state.state2, "absmax"), (state.state2, "code"), (state, "offset")]
+                                    if nested else [])
+    for owner, field in fields:
+        tensor = getattr(owner, field)
+        view = torch._neg_view(-tensor)
+        assert view.is_neg() and torch.equal(view, tensor)
+        changed, changed_owner = copy.copy(state), copy.copy(owner)
+        setattr(changed_owner, field, view)
+        if owner is state:
+            changed = changed_owner
+        else:
+            changed.state2 = changed_owner
+        torch.testing.assert_close(lolakernels.nf4_dequantize(packed, changed), expected, rtol=0, atol=0,
+                                   msg=field)
+    view = torch._neg_view(-packed)
+    assert view.is_neg() and torch.equal(view, packed)
+    torch.testing.assert_close(lolakernels.nf4_dequantize(view, state), expected, rtol=0, atol=0, msg="weight")

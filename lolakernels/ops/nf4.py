@@ -121,7 +121,8 @@ def _read_nf4_checked(weight: Tensor, quant_state) -> Nf4Weight:
                         "(uint8, or the quant_storage dtype bfloat16 / float16 / float32)")
     if not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous packed storage (got strides {tuple(weight.stride())})")
-    packed = weight.detach().reshape(-1).view(torch.uint8)
+    # resolve_neg: the kernels read these through raw pointers, which carry no negative bit
+    packed = weight.detach().resolve_neg().reshape(-1).view(torch.uint8)
     needed = (numel + 1) // 2
     if packed.numel() < needed or packed.numel() - needed >= max(weight.element_size(), 2):
         raise ValueError(f"weight holds {packed.numel()} bytes but quant_state.shape {list(shape)} needs {needed} "
@@ -159,7 +160,8 @@ def _read_nf4_checked(weight: Tensor, quant_state) -> Nf4Weight:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != device:
             raise ValueError(f"quant_state's {name} is on {tensor.device} but the weight is on {device}")
-    contiguous = {name: (t.reshape(-1).contiguous() if t is not None and t.dim() else t) for name, t in tensors.items()}
+    contiguous = {name: None if t is None else t.resolve_neg().reshape(-1).contiguous() if t.dim() else t.resolve_neg()
+                  for name, t in tensors.items()}
     return Nf4Weight(packed, shape, blocksize, quant_state.dtype, absmax_blocksize=absmax_blocksize, **contiguous)
 
 
