@@ -216,3 +216,8 @@ def test_multi_lora_refusals():
         lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(3))
     with pytest.raises(ValueError, match=re.escape("ids[0] = 2 is outside [-1, 2)")):
         lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, torch.tensor([2, 0, 0, 0]))
+    # the per-adapter scale is named as the caller passed it, not by the op's internal argument
+    with pytest.raises(TypeError, match=r"^scale has dtype bfloat16; expected float32"):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"^scale is on meta but x is on cpu"):
+        lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(2, device="meta"))

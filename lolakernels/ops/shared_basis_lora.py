@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # registers torch.ops.lolakernels.*
+from .._checks import require_dtype, require_same_device
 
 _CPU = torch.device("cpu")
 # Dynamo folds a call of this function to True by the function's identity, so a module alias
@@ -183,7 +184,7 @@ def shared_basis_lora(
         lora_b: ``[C, d_out, R]`` shared up-projection bases.
         sigma: ``[N, R]`` (diagonal) or ``[N, R, R]`` (full) per-adapter cores, or ``None`` for
             identity (then N = len(basis_of), or C when basis_of is omitted).
-        ids: ``[T]`` adapter of each token, ``-1`` = no adapter (row left untouched).
+        ids: ``[T]`` int32 (int64 is converted) adapter of each token, ``-1`` = no adapter (row left untouched).
         basis_of: ``[N]`` basis (cluster) of each adapter; may be omitted only when C = 1.
         scale: multiplier applied to every adapter's term.
         out: if given, ``[T, d_total]``; the term is added in place (one rounding) and ``out`` is
@@ -237,7 +238,7 @@ def multi_lora(
         x: ``[T, d_in]``.
         lora_a: ``[N, r, d_in]`` stacked PEFT ``lora_A`` weights (padded to a common r).
         lora_b: ``[N, d_out, r]`` stacked PEFT ``lora_B`` weights.
-        ids: ``[T]`` adapter of each token, ``-1`` = no adapter.
+        ids: ``[T]`` int32 (int64 is converted) adapter of each token, ``-1`` = no adapter.
         scale: PEFT's ``scaling`` per adapter ``[N]`` (float32), or one float for all (default 1).
         ranks: ``[N]`` true rank of each adapter when padded to r; the padding is ignored.
         out, out_slice, validate: as in :func:`shared_basis_lora`.
@@ -257,6 +258,9 @@ def multi_lora(
     if isinstance(scale, Tensor):
         if scale.dim() != 1 or scale.shape[0] != num_adapters:
             raise ValueError(f"scale must be a float or a [N] = [{num_adapters}] tensor, got shape {list(scale.shape)}")
+        # named here as the caller knows it; the op's own checks call it adapter_scale
+        require_dtype("scale", scale, (torch.float32,), " (PEFT's scaling per adapter)")
+        require_same_device({"x": x, "scale": scale})
         adapter_scale = scale
     elif scale is not None:
         scalar_scale = float(scale)
