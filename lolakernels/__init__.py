@@ -19,7 +19,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     "nf4_dequantize": ".ops.nf4",
     "nf4_lora_linear": ".ops.nf4",
     "awsvd": ".compress.weighted_svd",
-})
+}, submodules=("compress", "merge", "peft", "serving", "reference", "init"))
 
 __all__ = ["info", "multi_lora", "shared_basis_lora", "compress_adapters", "AdapterBank",
            "nf4_dequantize", "nf4_lora_linear", "awsvd", "__version__"]

@@ -6,11 +6,15 @@ import importlib
 from typing import Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list]]:
+def lazy_exports(package: str, exports: dict[str, str], submodules: tuple[str, ...] = ()
+                 ) -> tuple[Callable[[str], object], Callable[[], list]]:
     """Returns module-level ``__getattr__`` and ``__dir__`` resolving ``name`` from the
-    submodule ``exports[name]`` (relative to ``package``) on first use."""
+    submodule ``exports[name]`` (relative to ``package``) on first use, and each name in
+    ``submodules`` as that subpackage itself (``import lolakernels; lolakernels.peft``)."""
 
     def __getattr__(name: str):
+        if name in submodules:
+            return importlib.import_module(f".{name}", package)  # the import binds it on the package
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
@@ -20,6 +24,6 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         return value
 
     def __dir__():
-        return sorted(set(importlib.import_module(package).__dict__) | set(exports))
+        return sorted(set(importlib.import_module(package).__dict__) | set(exports) | set(submodules))
 
     return __getattr__, __dir__

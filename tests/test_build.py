@@ -31,3 +31,22 @@ def test_cuda_extension_compiled_for_ampere_and_hopper():
     archs = cuda_module.compiled_archs()
     assert "sm_80" in archs and "sm_90" in archs, archs
     assert cuda_module.decode_max_tokens == 64
+
+
+def test_subpackages_are_attributes_of_the_package_and_load_lazily():
+    """`import lolakernels` alone gives lolakernels.peft, .compress, .merge, .serving (as the README
+    uses them) without importing peft or transformers up front."""
+    code = ("import sys, lolakernels\n"
+            "assert 'peft' not in sys.modules and 'transformers' not in sys.modules\n"
+            "assert callable(lolakernels.peft.attach_bank) and callable(lolakernels.compress.lorap)\n"
+            "assert callable(lolakernels.merge.svd_merge) and callable(lolakernels.serving.add_lora)\n"
+            "assert 'serving' in dir(lolakernels)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_module_runs_as_the_command():
+    result = subprocess.run([sys.executable, "-m", "lolakernels", "info"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "backends" in result.stdout.lower()
