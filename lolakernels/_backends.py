@@ -1,6 +1,6 @@
 """Which backend runs an op, and why the others declined.
 
-Order (DESIGN §3): CUDA tensors -> ``cuda`` extension where it supports the case, else ``triton``,
+Order (docs/design.md §3): CUDA tensors -> ``cuda`` extension where it supports the case, else ``triton``,
 else ``reference``; CPU tensors -> ``cpu`` extension, else ``reference``. ``LOLA_BACKEND`` forces
 one backend; asking for one that cannot run the case raises ``RuntimeError`` with the reason.
 """

@@ -1,5 +1,5 @@
 """Random shared-basis / multi-LoRA problems, an fp64 formula written independently of the
-library, and the per-dtype tolerance rule of DESIGN §3."""
+library, and the per-dtype tolerance rule of docs/design.md §3."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from torch import Tensor
 from lolakernels.reference import shared_basis_lora_torch
 
 # Floor of the allowed error, relative to the largest |term|, per dtype. Low-precision results
-# must also stay within 2x the error of the plain-PyTorch path in the same dtype (DESIGN §3).
+# must also stay within 2x the error of the plain-PyTorch path in the same dtype (docs/design.md §3).
 RELATIVE_FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -104,7 +104,7 @@ def formula_fp64(p: Problem) -> Tensor:
 
 
 def plain_torch_error(p: Problem, oracle: Tensor) -> float:
-    """Max error of the plain-PyTorch composition in p's dtype (the DESIGN §3 yardstick)."""
+    """Max error of the plain-PyTorch composition in p's dtype (the docs/design.md §3 yardstick)."""
     if p.ranks is not None:  # the composition has no rank masking; only fp32 cases use ranks
         return 0.0
     term = shared_basis_lora_torch(p.x, p.lora_a, p.lora_b, p.sigma, p.ids, p.basis_of, p.scale, p.adapter_scale)
@@ -112,7 +112,7 @@ def plain_torch_error(p: Problem, oracle: Tensor) -> float:
 
 
 def assert_term_close(result: Tensor, oracle: Tensor, p: Problem, what: str = "term") -> None:
-    """result (any dtype) vs the fp64 oracle, with the tolerance rule of DESIGN §3."""
+    """result (any dtype) vs the fp64 oracle, with the tolerance rule of docs/design.md §3."""
     assert result.shape == oracle.shape, f"{what}: shape {tuple(result.shape)} != {tuple(oracle.shape)}"
     if oracle.numel() == 0:
         return

@@ -1,4 +1,4 @@
-"""bitsandbytes nf4 weights for the nf4 tests, and the DESIGN §3 tolerance rule applied against an
+"""bitsandbytes nf4 weights for the nf4 tests, and the docs/design.md §3 tolerance rule applied against an
 fp64 oracle built from the same dequantized weights."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The nf4 kernels on a GPU: the CUDA decode GEMV and the Triton kernels through the public API
-against the reference (dequantize bit for bit; the layer within the DESIGN §3 tolerance of an fp64
+against the reference (dequantize bit for bit; the layer within the docs/design.md §3 tolerance of an fp64
 oracle). Skipped with a reason where no CUDA GPU is visible (see conftest.py)."""
 import pytest
 import torch

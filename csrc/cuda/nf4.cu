@@ -1,6 +1,6 @@
 // nf4 decode GEMV (CUDA, fp16 / bf16 activations, fp32 math). Contract: nf4.cuh.
 //
-// Design (decode: memory bound on the 0.5 byte per weight of the packed matrix, DESIGN §7):
+// Design (decode: memory bound on the 0.5 byte per weight of the packed matrix, docs/design.md §7):
 //
 //   grid ceil(N / kRowsPerBlock), kRowsPerBlock warps per block; warp w owns output row
 //   n = blockIdx.x * kRowsPerBlock + w for all M tokens, so every packed byte is read exactly once.

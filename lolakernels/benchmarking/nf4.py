@@ -6,7 +6,7 @@ For each (weight shape N×K, tokens M, compute dtype) it times, in the same run:
   bnb_peft    PEFT's lora.bnb.Linear4bit over bitsandbytes' Linear4bit, eval mode (bitsandbytes'
               own CPU inference path: it repacks the weight on the first call)
   dense_lora  PEFT's lora.Linear over a dense nn.Linear in the compute dtype
-and reports ratios and, for M = 1, the fraction of the read bandwidth (DESIGN §7 bytes: packed
+and reports ratios and, for M = 1, the fraction of the read bandwidth (docs/design.md §7 bytes: packed
 weight + absmax codes + adapter + activations, over time and bandwidth). The bandwidth is a
 streaming read timed among each row's own rounds (timing.StreamProbe): this machine's drifts by up
 to 2x within minutes, so one measurement at the start of a run misstates the later rows.
@@ -88,7 +88,7 @@ class _Layer:
 
 
 def _bytes_read(cfg: Config, element_size: int) -> int:
-    """DESIGN §7: packed weight + 1-byte absmax codes + fp32 adapter + activations in and out."""
+    """docs/design.md §7: packed weight + 1-byte absmax codes + fp32 adapter + activations in and out."""
     n, k = cfg.out_features, cfg.in_features
     return n * k // 2 + n * k // BLOCKSIZE + 4 * RANK * (n + k) + cfg.tokens * (k + n) * element_size
 

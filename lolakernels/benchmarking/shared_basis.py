@@ -123,7 +123,7 @@ class _Adapters:
 
 
 def _lora_bytes(cfg: Config, ids: torch.Tensor, basis_of: torch.Tensor, element_size: int) -> int:
-    """DESIGN §7: C_active·R(d_in+d_out) + N_active·R² weights, plus x and two passes over out."""
+    """docs/design.md §7: C_active·R(d_in+d_out) + N_active·R² weights, plus x and two passes over out."""
     active = ids[ids >= 0].unique()
     clusters_active = basis_of[active.long()].unique().numel()
     weights = clusters_active * cfg.rank * (cfg.d_in + cfg.d_out) + active.numel() * cfg.rank ** 2
@@ -255,7 +255,7 @@ def markdown_table(rows: list[dict], machine: str) -> str:
         "on its own with the bank in cache (the figure earlier reports gave). Ratios compare added times.",
         "PEFT runs its own defaults; multi_lora and PEFT hold uncompressed adapters, so they run at C = 1.",
         "'GB/s' is a streaming read timed among the row's own samples (the bandwidth of this machine drifts",
-        "by up to 2x within minutes); 'bytes floor' is the time the row's LoRA bytes (DESIGN §7) take at",
+        "by up to 2x within minutes); 'bytes floor' is the time the row's LoRA bytes (docs/design.md §7) take at",
         "that bandwidth, over the base GEMM: the least shared_basis_lora can add here and now.",
         "With several passes over the grid (minutes apart) a row's medians pool the samples of every pass,",
         "and the range after '+ shared_basis_lora' is that of the passes' own medians.",

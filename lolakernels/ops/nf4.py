@@ -1,7 +1,7 @@
 """nf4 (QLoRA) ops on bitsandbytes' 4-bit weights, read as stored: dequantize, and the linear
 layer with a LoRA or DoRA adapter fused into one pass over the packed weight.
 
-Storage, rounding rules and the exact formulas: ``lolakernels.reference.nf4`` (DESIGN §4).
+Storage, rounding rules and the exact formulas: ``lolakernels.reference.nf4`` (docs/design.md §4).
 """
 from __future__ import annotations
 

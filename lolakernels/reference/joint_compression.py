@@ -1,4 +1,4 @@
-"""Dense oracle for joint compression (DESIGN §5), for small shapes and tests.
+"""Dense oracle for joint compression (docs/design.md §5), for small shapes and tests.
 
 Everything here forms the deltas ``M_i = s_i B_i A_i`` ``[N, d_out, d_in]`` and works on them
 directly (float64 recommended), written from the definitions rather than from the factored

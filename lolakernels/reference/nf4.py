@@ -1,7 +1,7 @@
 """Pure-PyTorch oracle for the nf4 family: bitsandbytes' 4-bit storage read as is, and the linear
 layer bitsandbytes' ``Linear4bit`` + PEFT's LoRA / DoRA compute on it.
 
-Storage (checked against bitsandbytes 0.50.2, DESIGN §4): ``W[N, K]`` flattened row-major is cut
+Storage (checked against bitsandbytes 0.50.2, docs/design.md §4): ``W[N, K]`` flattened row-major is cut
 into blocks of ``blocksize`` over the flat index; element ``j`` is the code index in byte ``j // 2``
 (high nibble for even ``j``) and
 

@@ -1,6 +1,6 @@
 """Triton backend of the nf4 family: dequantize, and the linear layer with the LoRA / DoRA term.
 
-Storage and rounding rules are those of ``lolakernels.reference.nf4`` (DESIGN §4): element ``j``
+Storage and rounding rules are those of ``lolakernels.reference.nf4`` (docs/design.md §4): element ``j``
 of the flattened weight is the code index in byte ``j // 2`` (high nibble for even ``j``) and
 
     W[j] = dtype(NF4_CODE[index_j] * absmax[j // blocksize])          (fp32 product, one rounding)

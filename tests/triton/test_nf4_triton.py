@@ -1,5 +1,5 @@
 """Triton nf4 kernels vs the PyTorch reference: dequantize bit for bit, the linear layer (split-K
-GEMV and tiled GEMM launches, LoRA / DoRA epilogue) within the DESIGN §3 tolerance of an fp64 oracle.
+GEMV and tiled GEMM launches, LoRA / DoRA epilogue) within the docs/design.md §3 tolerance of an fp64 oracle.
 
 Runs on a CUDA GPU, or on CPU under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 Python starts). The interpreter is slow: shapes are small and the cases a curated list.
