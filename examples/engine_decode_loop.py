@@ -86,7 +86,7 @@ class FusedLlamaEngine:
         shape = (len(self.layers), max_sequences, self.num_kv_heads, max_length, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.batch = LoraBatch(max_sequences, len(bank.adapter_names), device=device)
+        self.batch = LoraBatch(max_tokens=max_sequences, num_adapters=len(bank.adapter_names), device=device)
 
     @torch.no_grad()
     def step(self, tokens: Tensor, position: int) -> Tensor:

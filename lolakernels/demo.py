@@ -96,7 +96,7 @@ def run_demo() -> None:
     from tqdm.auto import tqdm
 
     from . import compress_adapters, models
-    from .benchmarking.serving import generation_seconds, mixed_batch_generators
+    from .benchmarking.serving import interleaved_generation_seconds, mixed_batch_generators
     from .benchmarking.tasks import TASKS
     from .benchmarking.timing import machine_description
     from .peft import accelerate, attach_bank, restore
@@ -155,7 +155,7 @@ def run_demo() -> None:
     speed_names = [names[i % len(names)] for i in range(SPEED_BATCH)]
     speed_ids = torch.randint(0, model.config.vocab_size, (SPEED_BATCH, 8), generator=torch.Generator().manual_seed(1))
     generators = mixed_batch_generators(peft_model, served, bank, speed_ids, speed_names, SPEED_NEW_TOKENS)
-    seconds = {method: generation_seconds(generate, repeats=1) for method, generate in generators.items()}
+    seconds = interleaved_generation_seconds(generators, rounds=2)
     restore(peft_model)
     detach_bank(served)
     progress.update()

@@ -105,6 +105,22 @@ def generation_seconds(generate: Callable[[], torch.Tensor], repeats: int = 2) -
     return best
 
 
+def interleaved_generation_seconds(generators: dict[str, Callable[[], torch.Tensor]], rounds: int = 2
+                                   ) -> dict[str, float]:
+    """Best wall time of each ``generate()`` over ``rounds`` rounds that run every method once in
+    turn, after one warm-up run each: a burst of other work on the machine then slows one round
+    of every method rather than all the runs of one."""
+    for generate in generators.values():
+        generate()
+    best = {name: float("inf") for name in generators}
+    for _ in range(rounds):
+        for name, generate in generators.items():
+            started = time.perf_counter()
+            generate()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
 def mixed_batch_generators(peft_model, served_model, bank, input_ids: torch.Tensor, names: list[str],
                            new_tokens: int, *, with_one_adapter: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
     """``generate()`` callables for the three methods on one mixed batch (greedy, exactly
