@@ -184,7 +184,7 @@ def nf4_lora_linear(
             lora_h = torch.nn.functional.linear(lora_x.to(lora_a.dtype), lora_a).contiguous()
         lora_b = lora_b.contiguous()
         if magnitude is not None:
-            dora_scale = (magnitude / weight_norm).contiguous()
+            dora_scale = (magnitude / weight_norm).float().contiguous()  # the kernel reads fp32
     bias_compute = None if bias is None else bias.to(compute_dtype).contiguous()
     _module().nf4_lora_linear(
         *_nf4_weight_args(weight), n, k, x_compute.data_ptr(), x_compute.stride(0), m, _DTYPE_CODE[compute_dtype],

@@ -172,3 +172,78 @@ def test_negated_quant_state_is_read_as_its_values(use_backend, backend, isa, ne
     view = torch._neg_view(-packed)
     assert view.is_neg() and torch.equal(view, packed)
     torch.testing.assert_close(lolakernels.nf4_dequantize(view, state), expected, rtol=0, atol=0, msg="weight")
+
+
+def _reference_linear(x, packed, state, lora_a, lora_b, scale, magnitude=None, bias=None):
+    nf4 = read_nf4(packed, state)
+    norm = None if magnitude is None else reference.dora_weight_norm(nf4, lora_a, lora_b, scale)
+    return reference.nf4_lora_linear(x, nf4, torch.float32, None, lora_a, lora_b, scale, bias, magnitude, norm)
+
+
+@pytest.mark.parametrize("backend,isa", CPU_BACKENDS, ids=[isa or backend for backend, isa in CPU_BACKENDS])
+@pytest.mark.parametrize("tokens", [1, 12], ids=["kernel-shrink", "gemm-shrink"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
+def test_rank_zero_dora_still_applies_the_magnitude(use_backend, backend, isa, tokens, with_bias):
+    """With no rank, DoRA's output is the base rescaled by magnitude / ‖W‖ (h is empty, not absent)."""
+    use_backend(backend, isa)
+    _, (packed, state), _, _, _, bias, magnitude = _case()
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(3))
+    lora_a, lora_b = torch.zeros(0, 64), torch.zeros(24, 0)
+    bias = bias if with_bias else None
+    got = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, bias=bias, magnitude=magnitude)
+    expected = _reference_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude, bias)
+    plain = lolakernels.nf4_lora_linear(x, packed, state, None, None, 0.5, bias=bias)
+    assert not torch.allclose(got, plain)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_of_another_float_dtype_is_refused():
+    _, (packed, state), x, lora_a, lora_b, _, magnitude = _case()
+    with pytest.raises(TypeError, match="magnitude has dtype float64"):
+        lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude=magnitude.double())
+
+
+def test_dora_norm_follows_every_piece_of_a_double_quantized_state():
+    """The memoized DoRA norm is recomputed when the state's offset or second-level code changes."""
+    _, (packed, state), x, lora_a, lora_b, _, magnitude = _case()
+    lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude=magnitude)
+    for change in ("offset", "code", "absmax2"):
+        if change == "offset":
+            state.offset = state.offset + 0.25
+        elif change == "code":
+            state.state2.code = state.state2.code * 1.5
+        else:
+            state.state2.absmax = state.state2.absmax * 2
+        got = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude=magnitude)
+        torch.testing.assert_close(got, _reference_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude),
+                                   rtol=1e-5, atol=1e-5, msg=change)
+
+
+def test_inference_mode_tensors():
+    """Weights quantized and adapters made under torch.inference_mode have no version counter; they
+    are read (without memoizing) inside and outside the mode."""
+    expected_case = _case()
+    with torch.inference_mode():
+        _, (packed, state), x, lora_a, lora_b, bias, magnitude = _case()
+        inside = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, bias=bias, magnitude=magnitude)
+        dequantized = lolakernels.nf4_dequantize(packed, state)
+    _, (packed0, state0), x0, lora_a0, lora_b0, bias0, magnitude0 = expected_case
+    expected = lolakernels.nf4_lora_linear(x0, packed0, state0, lora_a0, lora_b0, 0.5, bias=bias0,
+                                           magnitude=magnitude0)
+    outside = lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, bias=bias, magnitude=magnitude)
+    for got in (inside, outside):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dequantized, lolakernels.nf4_dequantize(packed0, state0), rtol=0, atol=0)
+
+
+def test_incomplete_double_quantized_state_is_refused():
+    _, (packed, state), *_ = _case()
+    broken = copy.copy(state)
+    broken.state2 = None
+    with pytest.raises(ValueError, match="double-quantization pieces are missing"):
+        lolakernels.nf4_dequantize(packed, broken)
+    broken = copy.copy(state)
+    broken.state2 = copy.copy(state.state2)
+    broken.state2.blocksize = 0
+    with pytest.raises(ValueError, match="state2.blocksize is 0"):
+        lolakernels.nf4_dequantize(packed, broken)

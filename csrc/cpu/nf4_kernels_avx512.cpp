@@ -514,9 +514,9 @@ void epilogue(const Nf4Epilogue& e, const float* acc, int64_t n0, int64_t count,
       value = _mm512_add_ps(value, bias);
     }
     value = round_to(round_to(value, e.compute), e.out_type);
-    if (e.h) {
+    if (e.h || e.dora_scale) {  // rank 0: no h, but DoRA's magnitude still applies
       __m512 t = _mm512_setzero_ps();
-      for (int64_t r = 0; r < e.rank; ++r)
+      for (int64_t r = 0; e.h && r < e.rank; ++r)
         t = _mm512_fmadd_ps(_mm512_set1_ps(e.h[r]), _mm512_maskz_loadu_ps(mask, bt + r * count + j), t);
       if (e.dora_scale) {
         const __m512 s = _mm512_maskz_loadu_ps(mask, e.dora_scale + n0 + j);

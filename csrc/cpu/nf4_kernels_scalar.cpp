@@ -66,9 +66,10 @@ void epilogue(const Nf4Epilogue& e, const float* acc, int64_t n0, int64_t count,
     float value = acc[j];
     if (e.bias) value = value + bias;
     value = round_to(round_to(value, e.compute), e.out_type);
-    if (e.h) {
+    // A rank-0 adapter has no h, but DoRA still rescales the base by its magnitude.
+    if (e.h || e.dora_scale) {
       float t = 0.0f;
-      for (int64_t r = 0; r < e.rank; ++r) t += e.h[r] * bt[r * count + j];
+      for (int64_t r = 0; e.h && r < e.rank; ++r) t += e.h[r] * bt[r * count + j];
       if (e.dora_scale) {
         const float s = e.dora_scale[n];
         const float base = e.bias ? round_to(value - bias, promoted) : value;

@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock) nf4_gemv_kernel(
   const int m = lane;
   const float bias_n = bias != nullptr ? to_float(bias[row]) : 0.0f;
   float value = round_to<T>(bias != nullptr ? __fadd_rn(sum, bias_n) : sum);
-  if (lora_h != nullptr) {
+  if (lora_h != nullptr || dora_scale != nullptr) {  // rank 0: no h, but DoRA's magnitude still applies
     float t = 0.0f;
-    for (int64_t r = 0; r < rank; ++r) t += lora_h[m * rank + r] * lora_b[row * rank + r];
+    for (int64_t r = 0; lora_h != nullptr && r < rank; ++r) t += lora_h[m * rank + r] * lora_b[row * rank + r];
     if (dora_scale != nullptr) {
       const float s = dora_scale[row];
       const float base = bias != nullptr ? round_to<T>(__fsub_rn(value, bias_n)) : value;

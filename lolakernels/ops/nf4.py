@@ -62,7 +62,7 @@ def _read_key(weight: Tensor, quant_state) -> Optional[tuple]:
             tensors += [state2.code, state2.absmax, quant_state.offset]
             fields += (state2.blocksize,)
         return fields + tuple(_tensor_key(t) for t in tensors)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, RuntimeError):  # RuntimeError: an inference tensor has no version counter
         return None
 
 
@@ -133,7 +133,13 @@ def _read_nf4_checked(weight: Tensor, quant_state) -> Nf4Weight:
     absmax = absmax_q = absmax_code = absmax_scale = absmax_offset = None
     absmax_blocksize = 0
     if getattr(quant_state, "nested", False):
-        state2 = quant_state.state2
+        state2 = getattr(quant_state, "state2", None)
+        for field in ("code", "absmax", "blocksize"):
+            if not hasattr(state2, field) or not hasattr(quant_state, "offset"):
+                raise ValueError("quant_state.nested is set but its double-quantization pieces are missing: expected "
+                                 "quant_state.state2 (a QuantState with code, absmax, blocksize) and quant_state.offset")
+        if int(state2.blocksize) <= 0:
+            raise ValueError(f"quant_state.state2.blocksize is {state2.blocksize}; expected a positive block size")
         absmax_q = quant_state.absmax
         if absmax_q.dtype != torch.uint8:
             raise ValueError(f"quant_state.absmax has dtype {_dtype_name(absmax_q.dtype)}; a double-quantized state "
@@ -199,10 +205,19 @@ def nf4_dequantize(weight: Tensor, quant_state, *, out_dtype: Optional[torch.dty
 _weight_norms: dict[int, tuple] = {}
 
 
-def _norm_key(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: float) -> tuple:
-    tensors = (nf4.packed, nf4.absmax, nf4.absmax_q, nf4.absmax_scale, lora_a, lora_b)
-    return (float(scale), nf4.shape, nf4.dtype) + tuple(
-        (t.data_ptr(), t._version) if t is not None else None for t in tensors)
+def _norm_tensors(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor) -> tuple:
+    return (nf4.packed, nf4.absmax, nf4.absmax_q, nf4.absmax_code, nf4.absmax_scale, nf4.absmax_offset, lora_a,
+            lora_b)
+
+
+def _norm_key(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: float) -> Optional[tuple]:
+    """Every input of the norm; None where one cannot be keyed (an inference tensor has no
+    version counter), and then the norm is not memoized."""
+    try:
+        return (float(scale), nf4.shape, nf4.dtype, nf4.blocksize, nf4.absmax_blocksize) + tuple(
+            None if t is None else _tensor_key(t) for t in _norm_tensors(nf4, lora_a, lora_b))
+    except RuntimeError:
+        return None
 
 
 def dora_weight_norm(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
@@ -211,11 +226,16 @@ def dora_weight_norm(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: floa
         return torch.ops.lolakernels.nf4_dora_weight_norm(*_ops.nf4_weight_args(nf4), lora_a.detach(),
                                                           lora_b.detach(), float(scale))
     key = _norm_key(nf4, lora_a, lora_b, scale)
-    norm = _recall(_weight_norms, lora_a, key)
-    if norm is None:
-        with torch.no_grad():
-            norm = _ops.run_nf4_dora_weight_norm(nf4, lora_a.detach(), lora_b.detach(), float(scale))
-        _remember(_weight_norms, lora_a, key, norm)
+    if key is not None:
+        kept = _recall(_weight_norms, lora_a, key)
+        if kept is not None:
+            return kept[0]
+    with torch.no_grad():
+        norm = _ops.run_nf4_dora_weight_norm(nf4, lora_a.detach(), lora_b.detach(), float(scale))
+    if key is not None:
+        # The entry keeps the tensors it names alive, so no other tensor can take their addresses
+        # (and match the key) while it holds.
+        _remember(_weight_norms, lora_a, key, (norm, _norm_tensors(nf4, lora_a, lora_b)))
     return norm
 
 
@@ -260,6 +280,8 @@ def _check_linear_args(x, nf4, lora_a, lora_b, scale, bias, magnitude, dropout_p
         if not isinstance(magnitude, Tensor) or tuple(magnitude.shape) != (out_features,):
             raise ValueError(f"magnitude must be [out_features] = [{out_features}], got "
                              f"{getattr(magnitude, 'shape', magnitude)!r}")
+        if magnitude.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"magnitude has dtype {_dtype_name(magnitude.dtype)}; expected float32, float16 or bfloat16")
         if dropout_p > 0:
             raise ValueError("DoRA with dropout_p > 0 is not implemented (PEFT recomputes the base product on the "
                              "dropped-out input); use dropout_p=0")

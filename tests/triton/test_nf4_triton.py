@@ -140,6 +140,16 @@ def test_dora(m, k, dtype):
     _check(args)
 
 
+@pytest.mark.parametrize("m", [1, 33], ids=["gemv", "gemm"])
+def test_rank_zero_dora(m):
+    """An empty adapter still leaves DoRA's magnitude / ‖W‖ rescaling of the base."""
+    nf4, args = _problem(m, 10, 64, 32, True, torch.float32, dora=True)
+    x, nf4, dtype, x_lora, _, _, scale, bias, magnitude, _ = args
+    lora_a, lora_b = torch.zeros(0, 64, device=DEVICE), torch.zeros(10, 0, device=DEVICE)
+    weight_norm = reference.dora_weight_norm(nf4, lora_a, lora_b, scale)
+    _check((x, nf4, dtype, x_lora, lora_a, lora_b, scale, bias, magnitude, weight_norm))
+
+
 @pytest.mark.parametrize("k", [96, 97])
 def test_split_k_with_many_splits_and_gemm_with_small_tiles(k):
     """Split-K across several chunks (partials summed in the second kernel), and the tiled GEMM
