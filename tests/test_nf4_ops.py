@@ -2,6 +2,8 @@
 torch.compile(fullgraph=True) without graph breaks, and gradients against fp64 autograd of the
 reference formula."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -247,3 +249,17 @@ def test_incomplete_double_quantized_state_is_refused():
     broken.state2.blocksize = 0
     with pytest.raises(ValueError, match="state2.blocksize is 0"):
         lolakernels.nf4_dequantize(packed, broken)
+
+
+def test_dora_norm_memo_goes_with_its_adapter():
+    from lolakernels.ops import nf4 as nf4_ops
+
+    _, (packed, state), x, lora_a, lora_b, _, magnitude = _case()
+    lora_a = lora_a.clone()
+    lolakernels.nf4_lora_linear(x, packed, state, lora_a, lora_b, 0.5, magnitude=magnitude)
+    assert id(lora_a) in nf4_ops._weight_norms
+    owner = weakref.ref(lora_a)
+    del lora_a
+    gc.collect()
+    assert owner() is None
+    assert all(entry[0]() is not None for entry in nf4_ops._weight_norms.values())

@@ -234,8 +234,9 @@ def dora_weight_norm(nf4: Nf4Weight, lora_a: Tensor, lora_b: Tensor, scale: floa
         norm = _ops.run_nf4_dora_weight_norm(nf4, lora_a.detach(), lora_b.detach(), float(scale))
     if key is not None:
         # The entry keeps the tensors it names alive, so no other tensor can take their addresses
-        # (and match the key) while it holds.
-        _remember(_weight_norms, lora_a, key, (norm, _norm_tensors(nf4, lora_a, lora_b)))
+        # (and match the key) while it holds; all but lora_a, its owner, whose liveness the table
+        # already checks (a reference to it would keep the entry from ever being freed).
+        _remember(_weight_norms, lora_a, key, (norm, _norm_tensors(nf4, None, lora_b)))
     return norm
 
 
