@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import stat
 
 import pytest
 import torch
@@ -188,6 +189,32 @@ def test_save_load_round_trip(banks, tmp_path, method):
     assert os.listdir(tmp_path) == ["bank.safetensors"]
 
 
+def test_saved_file_keeps_the_usual_permissions(banks, tmp_path):
+    """A new bank file gets the mode open() gives (0666 under the umask); a replaced one keeps its own."""
+    umask = os.umask(0o022)
+    try:
+        path = banks["jd-full"].save(tmp_path / "bank.safetensors")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.chmod(path, 0o640)
+        banks["jd-full"].save(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        exported = banks["jd-full"].export_peft(banks["jd-full"].adapter_names[0], tmp_path / "exported")
+        assert {stat.S_IMODE(os.stat(f).st_mode) for f in exported.iterdir()} == {0o644}
+    finally:
+        os.umask(umask)
+
+
+def test_bank_whose_slots_share_tensors_saves_and_loads(banks, tmp_path):
+    bank = banks["jd-full"]
+    shared = copy.copy(bank)
+    shared._weights = dict(bank._weights)
+    first, second = bank.slots[0], bank.slots[1]
+    shared._weights[second] = shared._weights[second]._replace(sigma=shared._weights[first].sigma)
+    loaded = AdapterBank.load(shared.save(tmp_path / "shared.safetensors"))
+    assert torch.equal(loaded._weights[second].sigma, bank._weights[first].sigma)
+    assert torch.equal(loaded._weights[first].sigma, bank._weights[first].sigma)
+
+
 def _rewrite(path, target, *, metadata=None, tensors=None, drop=None):
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -208,6 +235,23 @@ def _write(target, data):
     return target
 
 
+def _metadata_list(path, key, edit):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        values = json.loads(handle.metadata()[key])
+    return json.dumps(edit(values))
+
+
+def _slot_named_twice(path, target):
+    return _rewrite(path, target, metadata={"slots": _metadata_list(path, "slots", lambda v: [v[0]] + v[:-1])})
+
+
+def _adapter_named(path, target, name):
+    return _rewrite(path, target, metadata={
+        "adapter_names": _metadata_list(path, "adapter_names", lambda v: [v[0], name] + v[2:])})
+
+
 @pytest.fixture
 def saved(banks, tmp_path):
     return banks["jd-full"].save(tmp_path / "good.safetensors")
@@ -220,7 +264,11 @@ def saved(banks, tmp_path):
     (lambda p, t: _rewrite(p, t, metadata={"format_version": "99"}), "format_version '99' is not supported"),
     (lambda p, t: _rewrite(p, t, metadata={"adapter_names": "[1, 2"}), "'adapter_names' is not valid JSON"),
     (lambda p, t: _rewrite(p, t, metadata={"rank": "-3"}), "'rank' must be a positive integer"),
+    (lambda p, t: _rewrite(p, t, metadata={"rank": "\u00b2"}), "'rank' must be a positive integer"),
     (lambda p, t: _rewrite(p, t, metadata={"method": "magic"}), "'method' must be one of"),
+    (_slot_named_twice, "'slots' names a slot twice"),
+    (lambda p, t: _adapter_named(p, t, ""), "'adapter_names' must hold distinct, non-empty names"),
+    (lambda p, t: _adapter_named(p, t, "alpha"), "'adapter_names' must hold distinct, non-empty names"),
     (lambda p, t: _rewrite(p, t, metadata={"adapter_names": '["alpha", "beta", "gamma"]'}),
      "sigma must be [3, 6, 6] for method jd-full and 3 adapters"),
     (lambda p, t: _rewrite(p, t, drop=["slot.2.lora_b"]), "tensors do not match the 6 slots"),

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +292,9 @@ class AdapterBank:
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as staging:
             config.save_pretrained(staging)
             save_file(tensors, os.path.join(staging, ADAPTER_FILE), metadata={"format": "pt"})
+            # safetensors writes 0600; give the weights the mode open() gave the config file
+            os.chmod(os.path.join(staging, ADAPTER_FILE),
+                     stat.S_IMODE(os.stat(os.path.join(staging, "adapter_config.json")).st_mode))
             for file_name in ("adapter_config.json", ADAPTER_FILE):
                 os.replace(os.path.join(staging, file_name), out_dir / file_name)
         return out_dir
@@ -300,11 +305,22 @@ class AdapterBank:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tensors = {}
+        tensors, storages = {}, set()
+
+        def own_copy(tensor: Tensor) -> Tensor:
+            # safetensors refuses tensors that share memory (one sigma used by two slots of a
+            # hand-built bank): the second user of a storage is written from a copy.
+            tensor = tensor.contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages and tensor.numel():
+                return tensor.clone()
+            storages.add(storage)
+            return tensor
+
         for j, slot in enumerate(self.slots):
             for field, tensor in self._weights[slot]._asdict().items():
-                tensors[f"slot.{j}.{field}"] = tensor.contiguous()
-            tensors[f"slot.{j}.error"] = self._errors[slot].contiguous()
+                tensors[f"slot.{j}.{field}"] = own_copy(tensor)
+            tensors[f"slot.{j}.error"] = own_copy(self._errors[slot])
         metadata = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -318,10 +334,15 @@ class AdapterBank:
             "fit": json.dumps(self.fit_log),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
+        staging = _new_staging_file(path)
         try:
+            # safetensors writes the file 0600 whatever it replaces: restore the mode open() gave the
+            # staging file (0666 under the umask), or that of the file being replaced.
+            mode = stat.S_IMODE(os.stat(path if path.exists() else staging).st_mode)
             save_file(tensors, staging, metadata=metadata)
+            os.chmod(staging, mode)
+            with open(staging, "rb") as written:
+                os.fsync(written.fileno())  # on disk before it replaces the old file
             os.replace(staging, path)
         except BaseException:
             if os.path.exists(staging):
@@ -370,13 +391,18 @@ class AdapterBank:
 
         is_str_list = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
         method = field("method", lambda v: v in METHODS, f"one of {METHODS}")
-        rank = field("rank", lambda v: v.isdigit() and int(v) > 0, "a positive integer")
+        rank = field("rank", lambda v: v.isascii() and v.isdigit() and int(v) > 0, "a positive integer")
         base_model = field("base_model", lambda v: v is None or isinstance(v, str), "a string or null")
         target_modules = field("target_modules", is_str_list, "a list of strings")
         names = field("adapter_names", is_str_list, "a list of strings")
         slots = field("slots", is_str_list, "a list of strings")
         task_type = field("task_type", lambda v: v is None or isinstance(v, str), "a string or null")
         fit_log = field("fit", lambda v: isinstance(v, dict), "a JSON object") if "fit" in metadata else {}
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{where}: metadata field 'slots' names a slot twice: "
+                             f"{sorted({s for s in slots if slots.count(s) > 1})[:4]}")
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"{where}: metadata field 'adapter_names' must hold distinct, non-empty names")
         expected_keys = {f"slot.{j}.{part}" for j in range(len(slots))
                          for part in ("lora_a", "lora_b", "sigma", "basis_of", "error")}
         missing, extra = expected_keys - set(tensors), set(tensors) - expected_keys
@@ -393,6 +419,19 @@ class AdapterBank:
                        base_model=base_model, target_modules=target_modules, task_type=task_type, fit_log=fit_log)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{where}: inconsistent adapter bank: {error}") from None
+
+
+def _new_staging_file(path: Path) -> str:
+    """A new, empty file beside ``path`` for an atomic replace, created as open() creates files
+    (0666 under the umask, where tempfile.mkstemp gives 0600)."""
+    for _ in range(100):
+        staging = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(staging, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return staging
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
 def _check_consistent(bank: AdapterBank) -> None:
