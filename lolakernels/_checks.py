@@ -67,6 +67,31 @@ def require_unit_inner_stride(name: str, tensor: Tensor) -> None:
         raise ValueError(f"{name} must have unit stride in its last dimension (got strides {tuple(tensor.stride())})")
 
 
+def _byte_span(tensor: Tensor) -> tuple[int, int]:
+    """[first, last) bytes the tensor's elements occupy (torch strides are non-negative)."""
+    first = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return first, first
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return first, first + (last + 1) * tensor.element_size()
+
+
+def require_no_overlap(name: str, written: Tensor, read: dict[str, Optional[Tensor]]) -> None:
+    """A tensor an op writes may not share memory with the tensors it reads while writing, nor
+    have rows that share memory (an expanded view)."""
+    if written.dim() == 2 and written.shape[0] > 1 and written.stride(0) < written.shape[1]:
+        raise ValueError(f"{name}'s rows overlap in memory (shape {list(written.shape)}, strides "
+                         f"{tuple(written.stride())}, e.g. an expand()ed view); write into a tensor with a row of its own "
+                         "per token")
+    first, last = _byte_span(written)
+    for other_name, other in read.items():
+        if other is None or first == last:
+            continue
+        other_first, other_last = _byte_span(other)
+        if other_first < other_last and first < other_last and other_first < last:
+            raise ValueError(f"{name} shares memory with {other_name}, which the op reads while it writes {name}")
+
+
 def require_in_range(name: str, tensor: Tensor, low: int, high: int, range_text: str) -> None:
     """Checks low <= tensor <= high elementwise; reads the data (a device sync on GPU)."""
     if tensor.numel() == 0:

@@ -22,6 +22,7 @@ from ._checks import (
     require_dims,
     require_dtype,
     require_in_range,
+    require_no_overlap,
     require_not_negated,
     require_same_device,
     require_size,
@@ -125,14 +126,19 @@ def _cpu_built() -> bool:
 
 
 def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate):
-    """Value checks, then the kernel of the selected backend; arguments already shape-checked."""
-    if validate:
+    """Value checks, then the kernel of the selected backend; arguments already shape-checked.
+    On the CPU the values are checked whatever ``validate`` says (it costs no sync there): the
+    C++ kernel checks them itself, any other backend here gets them checked first."""
+    if out is not None:  # here, where tensors have memory (not under tracing or fake tensors)
+        require_no_overlap("out", out, dict(x=x, lora_a=lora_a, lora_b=lora_b, sigma=sigma, ids=ids, basis_of=basis_of,
+                                            adapter_scale=adapter_scale, ranks=ranks))
+    backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
+    if validate or (x.device.type == "cpu" and backend != "cpu"):
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
     if x.shape[0] == 0 or lora_b.shape[1] == 0:
         return
     x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks = resolve_negated(
         x, lora_a, lora_b, sigma, ids, basis_of, adapter_scale, ranks)
-    backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     _backends.implementation(backend).shared_basis_lora_(
         out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks
     )

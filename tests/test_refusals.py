@@ -221,3 +221,107 @@ def test_multi_lora_refusals():
         lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(2, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"^scale is on meta but x is on cpu"):
         lolakernels.multi_lora(p.x, p.lora_a, p.lora_b, p.ids, scale=torch.ones(2, device="meta"))
+
+
+@pytest.mark.parametrize("argument", ["ids", "basis_of"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_int64_indices_int32_cannot_hold_are_refused_not_wrapped(p, argument, validate):
+    """2**32 + 1 converted to int32 would read as 1: refused instead, naming the argument."""
+    values = (p.ids if argument == "ids" else p.basis_of).long()
+    values[1] = 2 ** 32 + values[1]
+    with pytest.raises(ValueError, match=f"^{argument} holds {int(values[1])}, which is no valid index"):
+        call(p, **{argument: values}, validate=validate)
+    ranks = torch.full((2,), 2 ** 32 + 2)
+    q = make_problem(4, 8, 6, 3, 2, 2, sigma_kind="none")
+    with pytest.raises(ValueError, match="^ranks holds 4294967298"):
+        lolakernels.multi_lora(q.x, q.lora_a, q.lora_b, q.ids, ranks=ranks, validate=validate)
+
+
+def test_index_sequences_of_floats_are_refused(p):
+    with pytest.raises(TypeError, match="ids must hold integers, got float32"):
+        call(p, ids=[0.0, 1.5, 2.0, 0.0, 1.0, -1.0])
+
+
+@pytest.mark.parametrize("argument", ["x", "lora_a", "lora_b"])
+def test_arguments_that_are_not_tensors(p, argument):
+    with pytest.raises(TypeError, match=f"^{argument} must be a torch.Tensor, got list"):
+        call(p, **{argument: getattr(p, argument).tolist()})
+
+
+def test_out_checks_hold_when_autograd_takes_the_call(p):
+    """With inputs that require grad the functional op runs and its term is added to out: out and
+    out_slice get the same checks as without autograd."""
+    x = p.x.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=re.escape("out_slice = (-6, 12) does not fit")):
+        call(p, x=x, out=torch.zeros(6, 24), out_slice=(-6, 12))
+    with pytest.raises(ValueError, match="out.shape"):
+        call(p, x=x[:1], ids=p.ids[:1], out=torch.zeros(3, 12))
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        call(p, x=x, out=torch.zeros(6, 12, dtype=torch.float64))
+
+
+def test_out_slice_must_be_ints(p):
+    with pytest.raises(TypeError, match=re.escape("out_slice must be two ints (offset, size), got (2.9, 12)")):
+        call(p, out=torch.zeros(6, 24), out_slice=(2.9, 12))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_out_sharing_memory_with_an_input_is_refused(p, monkeypatch, backend):
+    """The kernels read lora_b (and the others) while they write out: an overlapping out is refused,
+    as are rows of out that share memory."""
+    monkeypatch.setenv("LOLA_BACKEND", backend)
+    storage = torch.zeros(p.lora_b.numel() + 200)
+    lora_b = storage[:p.lora_b.numel()].view_as(p.lora_b).copy_(p.lora_b)
+    out = storage[8:8 + 72].view(6, 12)
+    with pytest.raises(ValueError, match="^out shares memory with lora_b"):
+        call(p, lora_b=lora_b, out=out)
+    with pytest.raises(ValueError, match="^out shares memory with x"):
+        q = make_problem(6, 12, 12, 4, 5, 2, sigma_kind="full", seed=1)
+        lolakernels.shared_basis_lora(q.x, q.lora_a, q.lora_b, q.sigma, q.ids, basis_of=q.basis_of, out=q.x)
+    with pytest.raises(ValueError, match="^out's rows overlap in memory"):
+        call(p, out=torch.zeros(1, 12).expand(6, 12))
+
+
+def test_a_column_of_any_inner_stride_is_taken(p):
+    """[T, 1] views (a column of a wider tensor) have an arbitrary inner stride, which is never stepped."""
+    q = make_problem(6, 1, 1, 4, 5, 2, sigma_kind="full", seed=2)
+    x = torch.zeros(6, 3)[:, 1:2].copy_(q.x)
+    out = torch.zeros(6, 3)[:, 2:3]
+    expected = lolakernels.shared_basis_lora(q.x, q.lora_a, q.lora_b, q.sigma, q.ids, basis_of=q.basis_of)
+    got = lolakernels.shared_basis_lora(x.as_strided((6, 1), (3, 7)), q.lora_a, q.lora_b, q.sigma, q.ids,
+                                        basis_of=q.basis_of, out=out.as_strided((6, 1), (3, 5)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["cpu-kernel", "reference"])
+def test_bad_indices_refused_on_the_cpu_without_validate_on_every_backend(dtype):
+    """fp16 on the CPU runs on the reference: it range-checks as the C++ kernel does."""
+    q = make_problem(4, 8, 6, 3, 2, 2, sigma_kind="none")
+    x, lora_a, lora_b = (t.to(dtype) for t in (q.x, q.lora_a, q.lora_b))
+    with pytest.raises(ValueError, match=re.escape("basis_of[1] = -1 is outside [0, 2)")):
+        lolakernels.shared_basis_lora(x, lora_a, lora_b, None, q.ids, basis_of=torch.tensor([0, -1], dtype=torch.int32),
+                                      validate=False)
+    with pytest.raises(ValueError, match="ranks"):
+        lolakernels.multi_lora(x, lora_a, lora_b, q.ids, ranks=torch.tensor([2, -3], dtype=torch.int32),
+                               validate=False)
+
+
+def test_multi_lora_scale_that_requires_grad_is_refused():
+    q = make_problem(4, 8, 6, 3, 2, 2, sigma_kind="none")
+    with pytest.raises(ValueError, match=r"^scale does not take gradients"):
+        lolakernels.multi_lora(q.x, q.lora_a, q.lora_b, q.ids, scale=torch.ones(2, requires_grad=True))
+    with torch.no_grad():
+        lolakernels.multi_lora(q.x, q.lora_a, q.lora_b, q.ids, scale=torch.ones(2, requires_grad=True))
+
+
+def test_nan_in_lora_a_padding_is_ignored_on_every_cpu_backend(monkeypatch):
+    q = make_problem(4, 8, 6, 3, 2, 2, sigma_kind="none")
+    ranks = torch.tensor([2, 1], dtype=torch.int32)
+    expected = lolakernels.multi_lora(q.x, q.lora_a, q.lora_b, q.ids, ranks=ranks)
+    lora_a = q.lora_a.clone()
+    lora_a[0, 2:] = float("nan")
+    lora_a[1, 1:] = float("inf")
+    for backend in ("cpu", "reference"):
+        monkeypatch.setenv("LOLA_BACKEND", backend)
+        got = lolakernels.multi_lora(q.x, lora_a, q.lora_b, q.ids, ranks=ranks)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, msg=backend)

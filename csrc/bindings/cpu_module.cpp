@@ -58,7 +58,8 @@ bool shared_basis_lora_from_capsules(py::handle out, int64_t out_offset, py::han
   if ((!sigma.is_none() && !sigma_t) || (!adapter_scale.is_none() && !scale_t) || (!ranks.is_none() && !ranks_t))
     return false;
 
-  if (x_t->ndim != 2 || !dl::is_cpu(*x_t) || dl::stride(*x_t, 1) != 1) return false;
+  // A last dimension of size 1 may have any stride (torch's view of a column): it is never stepped.
+  if (x_t->ndim != 2 || !dl::is_cpu(*x_t) || (x_t->shape[1] > 1 && dl::stride(*x_t, 1) != 1)) return false;
   const bool bf16 = dl::has_type(*x_t, dl::kBfloat, 16);
   if (!bf16 && !dl::has_type(*x_t, dl::kFloat, 32)) return false;
   const uint8_t code = x_t->dtype.code, bits = x_t->dtype.bits;
@@ -83,9 +84,15 @@ bool shared_basis_lora_from_capsules(py::handle out, int64_t out_offset, py::han
   if (scale_t && (!is_dense(*scale_t, 1, dl::kFloat, 32) || scale_t->shape[0] != num_adapters)) return false;
   if (ranks_t && (!is_dense(*ranks_t, 1, dl::kInt, 32) || ranks_t->shape[0] != num_adapters)) return false;
   if (!std::isfinite(scale)) return false;
-  if (out_t->ndim != 2 || !dl::is_cpu(*out_t) || !dl::has_type(*out_t, code, bits) || dl::stride(*out_t, 1) != 1 ||
-      out_t->shape[0] != num_tokens || out_offset < 0 || out_offset + d_out > out_t->shape[1])
+  if (out_t->ndim != 2 || !dl::is_cpu(*out_t) || !dl::has_type(*out_t, code, bits) ||
+      (out_t->shape[1] > 1 && dl::stride(*out_t, 1) != 1) || out_t->shape[0] != num_tokens || out_offset < 0 ||
+      out_offset + d_out > out_t->shape[1])
     return false;
+  // Rows of out that share memory (an expanded view) or out over a weight the kernel reads while
+  // it writes: the Python checks refuse these with the reason.
+  if (num_tokens > 1 && dl::stride(*out_t, 0) < out_t->shape[1]) return false;
+  for (const dl::Tensor* read : {x_t, a_t, b_t, sigma_t, ids_t, basis_t, scale_t, ranks_t})
+    if (read && dl::overlap(*out_t, *read)) return false;
   if (!lola::cpu::isa_supported(static_cast<Isa>(isa))) return false;
 
   const lola::cpu::LoraProblem problem{

@@ -10,6 +10,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace lola::dlpack {
 
@@ -79,5 +80,22 @@ inline bool is_contiguous(const Tensor& t) {
 }
 
 inline const void* data(const Tensor& t) { return static_cast<const char*>(t.data) + t.byte_offset; }
+
+// [first, last) bytes the tensor's elements span (non-negative strides, as torch's); empty if no elements.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const Tensor& t) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data(t));
+  int64_t last_element = 0;
+  for (int d = 0; d < t.ndim; ++d) {
+    if (t.shape[d] == 0) return {first, first};
+    last_element += (t.shape[d] - 1) * stride(t, d);
+  }
+  return {first, first + static_cast<uintptr_t>((last_element + 1) * ((t.dtype.bits + 7) / 8))};
+}
+
+inline bool overlap(const Tensor& a, const Tensor& b) {
+  const auto [a_first, a_last] = byte_span(a);
+  const auto [b_first, b_last] = byte_span(b);
+  return a_first < a_last && b_first < b_last && a_first < b_last && b_first < a_last;
+}
 
 }  // namespace lola::dlpack

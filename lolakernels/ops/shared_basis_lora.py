@@ -11,6 +11,8 @@ basis_of = arange(N), Σ_a = scale_a · I.
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -28,11 +30,24 @@ _grad_enabled = torch.is_grad_enabled
 OutSlice = Optional[Sequence[int]]
 
 
-def _index_tensor(values, device: torch.device) -> Tensor:
-    """int32 index tensor; int64 tensors (torch's default) are converted, other dtypes refused."""
+_INT32 = torch.iinfo(torch.int32)
+
+
+def _index_tensor(name: str, values, device: torch.device, validate: bool) -> Tensor:
+    """int32 index tensor; int64 tensors (torch's default) and integer sequences are converted,
+    other dtypes are refused by the op's checks. A value int32 cannot hold is refused, not
+    wrapped (2**32 + 1 would read as adapter 1): always on the CPU, where checking costs no sync,
+    and with ``validate`` elsewhere."""
     if not isinstance(values, Tensor):
-        return torch.as_tensor(values, dtype=torch.int32, device=device)
+        values = torch.as_tensor(values, device=device)
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {str(values.dtype).replace('torch.', '')} values")
     if values.dtype == torch.int64:
+        if (validate or values.is_cpu) and values.numel():
+            smallest, largest = (int(v) for v in torch.aminmax(values))
+            if smallest < _INT32.min or largest > _INT32.max:
+                bad = smallest if smallest < _INT32.min else largest
+                raise ValueError(f"{name} holds {bad}, which is no valid index (outside int32)")
         return values.to(torch.int32)
     return values
 
@@ -71,6 +86,12 @@ def _cached_basis_of(num_adapters: int, device: torch.device, identity: bool) ->
     return basis_of
 
 
+def _require_tensors(**named) -> None:
+    for name, value in named.items():
+        if not isinstance(value, Tensor) and not (value is None and name == "sigma"):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def _out_offset(out: Optional[Tensor], out_slice: OutSlice, d_out: int) -> int:
     if out_slice is None:
         if out is not None and out.dim() == 2 and out.shape[1] != d_out:
@@ -83,7 +104,10 @@ def _out_offset(out: Optional[Tensor], out_slice: OutSlice, d_out: int) -> int:
         raise ValueError("out_slice needs out: it selects the columns of out that receive the term")
     if len(out_slice) != 2:
         raise ValueError(f"out_slice must be (offset, size), got {tuple(out_slice)!r}")
-    offset, size = (int(v) for v in out_slice)
+    try:
+        offset, size = (operator.index(v) for v in out_slice)
+    except TypeError:
+        raise TypeError(f"out_slice must be two ints (offset, size), got {tuple(out_slice)!r}") from None
     if size != d_out:
         raise ValueError(f"out_slice size {size} != d_out {d_out} (lora_b.shape[1])")
     return offset
@@ -135,7 +159,11 @@ def _apply(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks,
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or (sigma is not None and sigma.requires_grad))
     if needs_grad:
-        # Autograd needs the functional op; the in-place kernel is the inference fast path.
+        # Autograd needs the functional op; the in-place kernel is the inference fast path. The
+        # term is then added to out as PEFT adds its LoRA term: rounded to the dtype, then summed.
+        if out is not None:
+            _ops.check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out,
+                                         offset)
         term = torch.ops.lolakernels.shared_basis_lora(
             x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate
         )
@@ -200,13 +228,14 @@ def shared_basis_lora(
     AVX512-BF16 the bf16 kernel rounds the rank-R vector ``Σ_a · lora_a[c] · x[t]`` (times the
     scale) to bf16 before the expand, as PEFT's bf16 path rounds its intermediate.
     """
-    num_clusters = lora_a.shape[0] if lora_a.dim() == 3 else 1
+    num_clusters = lora_a.shape[0] if isinstance(lora_a, Tensor) and lora_a.dim() == 3 else 1
     if basis_of is not None or num_clusters == 1:
         term = _eager_cpu(x, lora_a, lora_b, sigma, ids, basis_of, scale, None, None, out, out_slice)
         if term is not None:
             return term
+    _require_tensors(x=x, lora_a=lora_a, lora_b=lora_b, sigma=sigma)
     device = x.device
-    ids = _index_tensor(ids, device)
+    ids = _index_tensor("ids", ids, device, validate)
     if basis_of is None:
         if num_clusters != 1:
             raise ValueError(
@@ -215,7 +244,7 @@ def shared_basis_lora(
         num_adapters = sigma.shape[0] if sigma is not None else 1
         basis_of = _implied_basis_of(num_adapters, device, identity=False)
     else:
-        basis_of = _index_tensor(basis_of, device)
+        basis_of = _index_tensor("basis_of", basis_of, device, validate)
     return _apply(x, lora_a, lora_b, sigma, ids, basis_of, float(scale), None, None, out, out_slice, validate)
 
 
@@ -240,17 +269,22 @@ def multi_lora(
         lora_b: ``[N, d_out, r]`` stacked PEFT ``lora_B`` weights.
         ids: ``[T]`` int32 (int64 is converted) adapter of each token, ``-1`` = no adapter.
         scale: PEFT's ``scaling`` per adapter ``[N]`` (float32), or one float for all (default 1).
-        ranks: ``[N]`` true rank of each adapter when padded to r; the padding is ignored.
+        ranks: ``[N]`` true rank of each adapter when padded to r; the padding is ignored (its
+            lora_b columns must be finite, as zero padding is: they meet zeros, and 0 · inf is nan).
         out, out_slice, validate: as in :func:`shared_basis_lora`.
     """
+    if isinstance(scale, Tensor) and scale.requires_grad and _grad_enabled():
+        raise ValueError("scale does not take gradients (the op has none for it); pass scale.detach(), or "
+                         "train the adapters' weights")
     if ranks is None or isinstance(ranks, Tensor):
         adapter_scale, scalar_scale = (scale, 1.0) if isinstance(scale, Tensor) else (None, 1.0 if scale is None else scale)
         term = _eager_cpu(x, lora_a, lora_b, None, ids, None, scalar_scale, adapter_scale, ranks, out, out_slice,
                           implied_identity=True)
         if term is not None:
             return term
+    _require_tensors(x=x, lora_a=lora_a, lora_b=lora_b)
     device = x.device
-    ids = _index_tensor(ids, device)
+    ids = _index_tensor("ids", ids, device, validate)
     num_adapters = lora_a.shape[0] if lora_a.dim() == 3 else 0
     basis_of = _implied_basis_of(num_adapters, device, identity=True)
     adapter_scale = None
@@ -265,5 +299,5 @@ def multi_lora(
     elif scale is not None:
         scalar_scale = float(scale)
     if ranks is not None:
-        ranks = _index_tensor(ranks, device)
+        ranks = _index_tensor("ranks", ranks, device, validate)
     return _apply(x, lora_a, lora_b, None, ids, basis_of, scalar_scale, adapter_scale, ranks, out, out_slice, validate)

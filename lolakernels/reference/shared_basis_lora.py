@@ -26,11 +26,12 @@ from torch import Tensor
 
 
 def _rank_mask(ranks: Optional[Tensor], adapter: Tensor, rank: int) -> Optional[Tensor]:
-    """[n, R] fp32 mask keeping the first ranks[adapter] entries, or None when ranks is absent."""
+    """[n, R] bool mask keeping the first ranks[adapter] entries, or None when ranks is absent.
+    Applied with where, not a product, so non-finite values past a rank do not leak in as 0 · inf."""
     if ranks is None:
         return None
     positions = torch.arange(rank, device=adapter.device)
-    return (positions[None, :] < ranks[adapter].long()[:, None]).float()
+    return positions[None, :] < ranks[adapter].long()[:, None]
 
 
 def _apply_sigma(sigma: Optional[Tensor], adapter: Tensor, h: Tensor) -> Tensor:
@@ -75,10 +76,10 @@ def lora_term(
         h[rows] = x[tokens[rows]].float() @ lora_a[c].float().t()
     mask = _rank_mask(ranks, adapter, rank)
     if mask is not None:
-        h = h * mask
+        h = torch.where(mask, h, 0.0)
     g = _token_scale(scale, adapter_scale, adapter) * _apply_sigma(sigma, adapter, h)
     if mask is not None:
-        g = g * mask
+        g = torch.where(mask, g, 0.0)
     for c in torch.unique(cluster).tolist():
         rows = (cluster == c).nonzero().squeeze(-1)
         term[tokens[rows]] = g[rows] @ lora_b[c].float().t()
@@ -139,14 +140,14 @@ def shared_basis_lora_backward(
         mask = _rank_mask(ranks, adapter, rank)
         h = torch.bmm(a_rows, xs.unsqueeze(-1)).squeeze(-1)
         if mask is not None:
-            h = h * mask
+            h = torch.where(mask, h, 0.0)
         s = _token_scale(scale, adapter_scale, adapter)
         g = s * _apply_sigma(sigma, adapter, h)
         if mask is not None:
-            g = g * mask
+            g = torch.where(mask, g, 0.0)
         dg = torch.bmm(b_rows.transpose(1, 2), dy.unsqueeze(-1)).squeeze(-1)
         if mask is not None:
-            dg = dg * mask
+            dg = torch.where(mask, dg, 0.0)
         grad_b.index_add_(0, cluster, dy.unsqueeze(-1) * g.unsqueeze(1))
         if sigma is None:
             dh = s * dg
@@ -157,7 +158,7 @@ def shared_basis_lora_backward(
             dh = s * torch.bmm(sigma[adapter].float().transpose(1, 2), dg.unsqueeze(-1)).squeeze(-1)
             grad_sigma.index_add_(0, adapter, s.unsqueeze(-1) * dg.unsqueeze(-1) * h.unsqueeze(1))
         if mask is not None:
-            dh = dh * mask
+            dh = torch.where(mask, dh, 0.0)
         grad_a.index_add_(0, cluster, dh.unsqueeze(-1) * xs.unsqueeze(1))
         grad_x[tokens] = torch.bmm(a_rows.transpose(1, 2), dh.unsqueeze(-1)).squeeze(-1)
     return (
