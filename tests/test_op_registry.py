@@ -96,6 +96,24 @@ def test_compiles_with_inductor():
 
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_int64_indices_compile_fullgraph(validate):
+    """int64 ids / basis_of (torch's default) are converted in the graph; their eager int32 range
+    check, which reads data, is left out under tracing."""
+    torch._dynamo.reset()
+    p = make_problem(6, 16, 12, 4, 5, 2, sigma_kind="full", seed=1)
+
+    def step(x, ids):
+        out = torch.zeros(x.shape[0], 12)
+        return lolakernels.shared_basis_lora(x, p.lora_a, p.lora_b, p.sigma, ids, basis_of=p.basis_of.long(), out=out,
+                                             validate=validate)
+
+    ids = p.ids.long()
+    explanation = torch._dynamo.explain(step)(p.x, ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(p.x, ids), step(p.x, ids))
+
+
 def test_multi_lora_compiles_fullgraph_on_the_eager_cpu_path_inputs():
     """multi_lora with the inputs its eager CPU path takes straight to the kernel (implied basis,
     [N] scale, int32 ranks, out) still traces whole: the straight path is left out under tracing."""

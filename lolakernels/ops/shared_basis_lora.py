@@ -37,13 +37,14 @@ def _index_tensor(name: str, values, device: torch.device, validate: bool) -> Te
     """int32 index tensor; int64 tensors (torch's default) and integer sequences are converted,
     other dtypes are refused by the op's checks. A value int32 cannot hold is refused, not
     wrapped (2**32 + 1 would read as adapter 1): always on the CPU, where checking costs no sync,
-    and with ``validate`` elsewhere."""
+    and with ``validate`` elsewhere; in eager calls only."""
     if not isinstance(values, Tensor):
         values = torch.as_tensor(values, device=device)
         if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got {str(values.dtype).replace('torch.', '')} values")
     if values.dtype == torch.int64:
-        if (validate or values.is_cpu) and values.numel():
+        # (Not while tracing: the check reads data, a graph break under fullgraph=True.)
+        if (validate or values.is_cpu) and values.numel() and not _is_compiling():
             smallest, largest = (int(v) for v in torch.aminmax(values))
             if smallest < _INT32.min or largest > _INT32.max:
                 bad = smallest if smallest < _INT32.min else largest
