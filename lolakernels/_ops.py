@@ -129,9 +129,6 @@ def _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, ada
     """Value checks, then the kernel of the selected backend; arguments already shape-checked.
     On the CPU the values are checked whatever ``validate`` says (it costs no sync there): the
     C++ kernel checks them itself, any other backend here gets them checked first."""
-    if out is not None:  # here, where tensors have memory (not under tracing or fake tensors)
-        require_no_overlap("out", out, dict(x=x, lora_a=lora_a, lora_b=lora_b, sigma=sigma, ids=ids, basis_of=basis_of,
-                                            adapter_scale=adapter_scale, ranks=ranks))
     backend = _backends.select(_backends.Case(x.device, x.dtype, x.shape[0]))
     if validate or (x.device.type == "cpu" and backend != "cpu"):
         check_shared_basis_values(ids, basis_of, ranks, lora_a.shape[0], lora_a.shape[1])
@@ -174,6 +171,9 @@ def run_shared_basis_lora_(out, out_offset, x, lora_a, lora_b, sigma, ids, basis
     if run_plain_cpu(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks) is not None:
         return
     check_shared_basis_args(x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, out, out_offset)
+    # Here, not in the checks: it reads addresses, which fake tensors under tracing do not have.
+    require_no_overlap("out", out, dict(x=x, lora_a=lora_a, lora_b=lora_b, sigma=sigma, ids=ids, basis_of=basis_of,
+                                        adapter_scale=adapter_scale, ranks=ranks))
     _launch(out, out_offset, x, lora_a, lora_b, sigma, ids, basis_of, scale, adapter_scale, ranks, validate)
 
 
