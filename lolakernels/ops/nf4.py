@@ -134,10 +134,10 @@ def _read_nf4_checked(weight: Tensor, quant_state) -> Nf4Weight:
     absmax_blocksize = 0
     if getattr(quant_state, "nested", False):
         state2 = getattr(quant_state, "state2", None)
-        for field in ("code", "absmax", "blocksize"):
-            if not hasattr(state2, field) or not hasattr(quant_state, "offset"):
-                raise ValueError("quant_state.nested is set but its double-quantization pieces are missing: expected "
-                                 "quant_state.state2 (a QuantState with code, absmax, blocksize) and quant_state.offset")
+        if not all(hasattr(state2, field) for field in ("code", "absmax", "blocksize")) or not hasattr(
+                quant_state, "offset"):
+            raise ValueError("quant_state.nested is set but its double-quantization pieces are missing: expected "
+                             "quant_state.state2 (a QuantState with code, absmax, blocksize) and quant_state.offset")
         if int(state2.blocksize) <= 0:
             raise ValueError(f"quant_state.state2.blocksize is {state2.blocksize}; expected a positive block size")
         absmax_q = quant_state.absmax
