@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops  # registers torch.ops.lolakernels.*
-from .._checks import require_dtype, require_same_device
+from .._checks import require_dtype, require_in_range, require_same_device
 
 _CPU = torch.device("cpu")
 # Dynamo folds a call of this function to True by the function's identity, so a module alias
@@ -44,11 +44,8 @@ def _index_tensor(name: str, values, device: torch.device, validate: bool) -> Te
             raise TypeError(f"{name} must hold integers, got {str(values.dtype).replace('torch.', '')} values")
     if values.dtype == torch.int64:
         # (Not while tracing: the check reads data, a graph break under fullgraph=True.)
-        if (validate or values.is_cpu) and values.numel() and not _is_compiling():
-            smallest, largest = (int(v) for v in torch.aminmax(values))
-            if smallest < _INT32.min or largest > _INT32.max:
-                bad = smallest if smallest < _INT32.min else largest
-                raise ValueError(f"{name} holds {bad}, which is no valid index (outside int32)")
+        if (validate or values.is_cpu) and not _is_compiling():
+            require_in_range(name, values, _INT32.min, _INT32.max, "int32, so it is no valid index")
         return values.to(torch.int32)
     return values
 
